@@ -1,0 +1,28 @@
+# Two commands on a fresh machine: `make quickstart` and `make test`.
+# Both create/reuse a local virtualenv (.venv) idempotently.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.megarlhf-installed
+NPROC ?= 2
+PYTEST_ARGS ?=
+
+.PHONY: quickstart test install clean-venv
+
+install: $(STAMP)
+
+$(STAMP): setup.py
+	test -x $(PY) || python3 -m venv $(VENV)
+	# torch first and pinned: a CPU machine gets the CPU build from local disk;
+	# an existing (e.g. container) torch is kept.
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+quickstart: $(STAMP)
+	$(VENV)/bin/torchrun --nproc-per-node $(NPROC) -m megarlhf quickstart
+
+test: $(STAMP)
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+clean-venv:
+	rm -rf $(VENV)

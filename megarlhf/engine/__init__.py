@@ -1,0 +1,1 @@
+"""Training engine: DDP, optimizer, Megatron's schedule and loss contract. Layer: engine/."""

@@ -1,0 +1,45 @@
+"""Output heads. Layer: models/.
+
+`ValueHead` replaces GPTModel's `output_layer` for the critic and the reward model: one
+scalar per token. It keeps the output layer's call signature, so GPTModel's forward
+(including pipeline stages and the KV-cache path) is unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+from megatron.core.transformer import TransformerConfig
+
+
+class ValueHead(torch.nn.Module):
+    """Linear(hidden, 1) on the final hidden states, replicated on every TP rank.
+
+    The hidden states entering the LM head are identical on all TP ranks (the last
+    row-parallel linear all-reduced them), so a replicated head computes the same values
+    and the same gradients everywhere: no TP communication is needed, except under
+    sequence parallelism, where each rank holds a slice of the sequence and we gather it
+    first (backward then hands each rank its slice of the gradient).
+    """
+
+    def __init__(self, config: TransformerConfig, tp_group):
+        super().__init__()
+        self.sequence_parallel = config.sequence_parallel
+        self.tp_group = tp_group
+        self.linear = torch.nn.Linear(config.hidden_size, 1, dtype=config.params_dtype)
+        torch.nn.init.normal_(self.linear.weight, std=config.init_method_std)
+        torch.nn.init.zeros_(self.linear.bias)
+
+    def forward(self, hidden: torch.Tensor, weight=None, runtime_gather_output=None):
+        """[s, b, h] -> ([s, b, 1], None), the output layer's (output, bias) contract."""
+        if self.sequence_parallel:
+            hidden = gather_from_sequence_parallel_region(
+                hidden, tensor_parallel_output_grad=False, group=self.tp_group
+            )
+        return self.linear(hidden), None
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
+        from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+        state = self.state_dict(prefix="", keep_vars=True)
+        return make_sharded_tensors_for_checkpoint(state, prefix, {}, sharded_offsets)
