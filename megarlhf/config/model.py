@@ -29,7 +29,7 @@ class ModelConfig:
     num_query_groups: int | None = None
     """Key/value heads (grouped-query attention); None = num_attention_heads (plain MHA)."""
     ffn_hidden_size: int | None = None
-    """MLP width; None = 4*hidden (gpt) or the Llama rule 2/3*4*hidden rounded up to 64."""
+    """MLP width; None = 4*hidden (gpt) or Llama's rule: 2/3 * 4*hidden rounded up to 256."""
     vocab_size: int = 256
     """Tokenizer vocabulary size (before padding)."""
     make_vocab_size_divisible_by: int = 128
@@ -98,7 +98,7 @@ class ModelConfig:
         if self.arch == "gpt":
             return 4 * self.hidden_size
         # Llama: SwiGLU keeps the parameter count of a 4h GeLU MLP with 2/3 of the width.
-        return 64 * -(-(8 * self.hidden_size // 3) // 64)
+        return 256 * -(-(8 * self.hidden_size // 3) // 256)
 
     @property
     def padded_vocab_size(self) -> int:
