@@ -4,6 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.megarlhf-installed
 NPROC ?= 2
+QUICKSTART_ARGS ?= --tp 2
 PYTEST_ARGS ?=
 
 .PHONY: quickstart test install clean-venv
@@ -11,7 +12,8 @@ PYTEST_ARGS ?=
 install: $(STAMP)
 
 $(STAMP): setup.py
-	test -x $(PY) || python3 -m venv $(VENV)
+	# --system-site-packages: inside an NGC container the venv sees its torch, TE and Apex.
+	test -x $(PY) || python3 -m venv --system-site-packages $(VENV)
 	# torch first and pinned: a CPU machine gets the CPU build from local disk;
 	# an existing (e.g. container) torch is kept.
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
@@ -19,7 +21,7 @@ $(STAMP): setup.py
 	touch $(STAMP)
 
 quickstart: $(STAMP)
-	$(VENV)/bin/torchrun --nproc-per-node $(NPROC) -m megarlhf quickstart
+	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --nproc-per-node $(NPROC) -m megarlhf quickstart $(QUICKSTART_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest tests $(PYTEST_ARGS)
