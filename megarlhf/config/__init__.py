@@ -1,6 +1,22 @@
 """Configuration dataclasses. Layer: config/ (bottom: imports nothing else from megarlhf)."""
 
 from megarlhf.config.errors import ConfigError, DataError
+from megarlhf.config.loader import describe, dump_yaml, load_config
 from megarlhf.config.model import ModelConfig
+from megarlhf.config.stages import RMConfig, SFTConfig
+from megarlhf.config.train import DataConfig, LayoutConfig, OptimConfig, RunConfig
 
-__all__ = ["ConfigError", "DataError", "ModelConfig"]
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "DataError",
+    "LayoutConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "RMConfig",
+    "RunConfig",
+    "SFTConfig",
+    "describe",
+    "dump_yaml",
+    "load_config",
+]

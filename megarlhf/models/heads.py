@@ -39,7 +39,10 @@ class ValueHead(torch.nn.Module):
         return self.linear(hidden), None
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
+        """Replicated over TP (no TP axis), deduplicated over DP, like a norm weight."""
         from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
         state = self.state_dict(prefix="", keep_vars=True)
-        return make_sharded_tensors_for_checkpoint(state, prefix, {}, sharded_offsets)
+        return make_sharded_tensors_for_checkpoint(
+            state, prefix, {}, sharded_offsets, tp_group=self.tp_group, dp_cp_group=metadata["dp_cp_group"]
+        )

@@ -1,0 +1,1 @@
+"""Checkpoints: Megatron dist_checkpointing layout, resume, HF mapping. Layer: checkpoint/."""

@@ -1,0 +1,192 @@
+"""Atomic, reshardable training checkpoints on Megatron-Core `dist_checkpointing`.
+
+Layer: checkpoint/. Layout of one checkpoint:
+
+    checkpoints/iter_0000100/
+        <role>/              dist_checkpointing of the model (+ optimizer): loads at any TP/PP
+        trainer_state.pt     rank 0: step, scheduler(s), sampler, counters, config (plain data)
+        rng/rank_00003.pt    per-rank RNG states (python, numpy, torch, Megatron tracker)
+    checkpoints/latest       text file: "iter_0000100", rewritten (atomically) last
+
+Every rank writes into `iter_0000100.tmp/`; only after all ranks finished does rank 0
+rename it and then update `latest`, so a crash mid-save never leaves a checkpoint that
+looks complete. The oldest checkpoints beyond `keep` are removed after that.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+
+from megarlhf.parallel.layout import RoleGroups
+
+_ITER = re.compile(r"^iter_(\d{7})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be found or loaded (the CLI exits with code 3)."""
+
+
+def iter_name(step: int) -> str:
+    return f"iter_{step:07d}"
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A run dir, its checkpoints/ folder or one iter_ folder -> the iter_ folder to load."""
+    p = Path(path)
+    for root in (p / "checkpoints", p):
+        latest = root / "latest"
+        if latest.is_file():
+            target = root / latest.read_text().strip()
+            if not target.is_dir():
+                raise CheckpointError(f"{latest} points to {target.name}, which does not exist")
+            return target
+    if _ITER.match(p.name) and p.is_dir():
+        return p
+    raise CheckpointError(
+        f"no checkpoint at {p}: expected a run directory with checkpoints/latest, a checkpoints/ "
+        f"folder with a 'latest' file, or an iter_NNNNNNN folder"
+    )
+
+
+def latest_step(run_dir: str | Path) -> int | None:
+    """Step of the newest complete checkpoint under run_dir, or None."""
+    try:
+        return int(_ITER.match(resolve_checkpoint(run_dir).name).group(1))
+    except CheckpointError:
+        return None
+
+
+def _model_state(model: torch.nn.Module, groups: RoleGroups) -> dict:
+    return model.sharded_state_dict(metadata={"dp_cp_group": groups.dp})
+
+
+def _rng_state() -> dict[str, Any]:
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": {k: v.clone() for k, v in get_cuda_rng_tracker().get_states().items()},
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    engines: dict[str, Any],
+    trainer_state: dict[str, Any],
+    keep: int,
+) -> Path:
+    """Collective: save `engines` ({role: TrainEngine}) and `trainer_state` at `step`."""
+    root = Path(run_dir) / "checkpoints"
+    final = root / iter_name(step)
+    tmp = root / (iter_name(step) + ".tmp")
+    rank = dist.get_rank()
+    if rank == 0:
+        if tmp.exists():
+            shutil.rmtree(tmp)  # left over from a crash during an earlier save
+        (tmp / "rng").mkdir(parents=True)
+        for role in engines:
+            (tmp / role).mkdir()
+    dist.barrier()
+    for role, engine in engines.items():
+        model_sd = _model_state(engine.module, engine.groups)
+        state = {
+            "model": model_sd,
+            "optimizer": engine.optimizer.sharded_state_dict(model_sd, metadata=_optim_metadata(engine)),
+        }
+        dist_checkpointing.save(state, str(tmp / role))
+    torch.save(_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
+    if rank == 0:
+        schedulers = {role: e.scheduler.state_dict() for role, e in engines.items()}
+        torch.save({**trainer_state, "step": step, "schedulers": schedulers}, tmp / "trainer_state.pt")
+    dist.barrier()
+    if rank == 0:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        latest_tmp = root / "latest.tmp"
+        latest_tmp.write_text(final.name + "\n")
+        os.replace(latest_tmp, root / "latest")
+        _prune(root, keep)
+    dist.barrier()
+    return final
+
+
+def _optim_metadata(engine) -> dict[str, Any]:
+    # 'dp_reshardable' lets a distributed-optimizer checkpoint load at another DP size.
+    return {"distrib_optim_sharding_type": "dp_reshardable", "dp_cp_group": engine.groups.dp}
+
+
+def _prune(root: Path, keep: int) -> None:
+    done = sorted(p for p in root.iterdir() if p.is_dir() and _ITER.match(p.name))
+    for old in done[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_model_weights(model: torch.nn.Module, groups: RoleGroups, path: str | Path, role: str) -> Path:
+    """Load only the model weights of `role` (at this model's layout, any saved layout)."""
+    ckpt = resolve_checkpoint(path)
+    if not (ckpt / role).is_dir():
+        found = sorted(p.name for p in ckpt.iterdir() if p.is_dir() and p.name != "rng")
+        raise CheckpointError(f"{ckpt} has no '{role}' model (it has: {found})")
+    try:
+        state = dist_checkpointing.load({"model": _model_state(model, groups)}, str(ckpt / role))
+        model.load_state_dict(state["model"], strict=True)
+    except CheckpointError:
+        raise
+    except Exception as err:  # shape/key mismatches surface as assorted exception types
+        raise CheckpointError(f"cannot load {role} weights from {ckpt}: {err}") from err
+    return ckpt
+
+
+def load_checkpoint(path: str | Path, engines: dict[str, Any]) -> dict[str, Any]:
+    """Collective: restore models, optimizers, schedulers and this rank's RNG.
+
+    Returns the trainer state saved with it (step, sampler, ...).
+    """
+    ckpt = resolve_checkpoint(path)
+    try:
+        for role, engine in engines.items():
+            model_sd = _model_state(engine.module, engine.groups)
+            sharded = {
+                "model": model_sd,
+                "optimizer": engine.optimizer.sharded_state_dict(
+                    model_sd, is_loading=True, metadata=_optim_metadata(engine)
+                ),
+            }
+            state = dist_checkpointing.load(sharded, str(ckpt / role))
+            engine.module.load_state_dict(state["model"], strict=True)
+            engine.optimizer.load_state_dict(state["optimizer"])
+        trainer_state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+    except Exception as err:
+        raise CheckpointError(f"cannot load checkpoint {ckpt}: {err}") from err
+    for role, engine in engines.items():
+        engine.scheduler.load_state_dict(trainer_state["schedulers"][role])
+    rng_file = ckpt / "rng" / f"rank_{dist.get_rank():05d}.pt"
+    if rng_file.is_file() and len(list((ckpt / "rng").iterdir())) == dist.get_world_size():
+        _set_rng_state(torch.load(rng_file, weights_only=False))
+    return trainer_state

@@ -1,0 +1,132 @@
+"""Sections shared by every stage: layout, optimisation, data, run bookkeeping.
+
+Layer: config/. Field names follow TRL where a TRL field means the same thing
+(learning_rate, max_grad_norm, warmup_steps, lr_scheduler_type, max_steps, logging_steps,
+save_steps, save_total_limit, eval_steps, max_length, seed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from megarlhf.config.errors import ConfigError
+
+
+@dataclass
+class LayoutConfig:
+    """How one role's model is split over the ranks; dp follows from the world size."""
+
+    tp: int = 1
+    """Tensor-parallel size."""
+    pp: int = 1
+    """Pipeline-parallel size."""
+
+    def __post_init__(self):
+        for name in ("tp", "pp"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"layout.{name} = {getattr(self, name)}: must be >= 1")
+
+
+@dataclass
+class OptimConfig:
+    """Adam(W) through Megatron-Core's optimizer and its LR/WD scheduler."""
+
+    learning_rate: float = 1e-4
+    """Peak learning rate."""
+    min_lr: float = 0.0
+    """Learning rate at the end of the decay."""
+    lr_scheduler_type: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after warm-up."""
+    warmup_steps: int = 0
+    """Linear warm-up from 0 over this many optimizer steps."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay (AdamW)."""
+    adam_beta1: float = 0.9
+    """Adam beta1."""
+    adam_beta2: float = 0.999
+    """Adam beta2."""
+    adam_epsilon: float = 1e-8
+    """Adam epsilon."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this (0 = no clipping)."""
+    use_distributed_optimizer: bool = False
+    """Shard optimizer states over data-parallel ranks (ZeRO-1)."""
+
+    def __post_init__(self):
+        if self.learning_rate <= 0:
+            raise ConfigError(f"optim.learning_rate = {self.learning_rate}: must be > 0")
+        if not 0 <= self.min_lr <= self.learning_rate:
+            raise ConfigError(f"optim.min_lr = {self.min_lr}: must be in [0, learning_rate]")
+        if self.warmup_steps < 0 or self.max_grad_norm < 0 or self.weight_decay < 0:
+            raise ConfigError("optim.warmup_steps, max_grad_norm and weight_decay must be >= 0")
+
+
+@dataclass
+class DataConfig:
+    """Where the data and tokenizer come from and how samples are shaped."""
+
+    tokenizer: str = ""
+    """Path to a sentencepiece .model or a Hugging Face tokenizer.json (or their folder)."""
+    train_file: str = ""
+    """JSONL training data."""
+    eval_file: str = ""
+    """JSONL held-out data ('' = no evaluation)."""
+    max_length: int = 128
+    """Tokens per sample (prompt + response); every batch is padded to this length."""
+    truncation: Literal["error", "right", "drop"] = "error"
+    """A sample longer than max_length: fail with file:line, cut its end, or drop it."""
+    on_error: Literal["error", "skip"] = "error"
+    """A malformed line: fail with file:line, or skip it and count it."""
+
+    def __post_init__(self):
+        if self.max_length < 2:
+            raise ConfigError(f"data.max_length = {self.max_length}: must be >= 2")
+
+
+@dataclass
+class RunConfig:
+    """Schedule and bookkeeping of a training run."""
+
+    run_dir: str = "runs/default"
+    """Everything the run writes: config.yaml, metrics.jsonl, checkpoints/, logs/, plots/."""
+    seed: int = 1234
+    """Seed for weights, data order and dropout (same on every rank)."""
+    max_steps: int = 100
+    """Optimizer steps to train."""
+    micro_batch_size: int = 8
+    """Sequences per forward/backward on one data-parallel rank."""
+    global_batch_size: int = 32
+    """Sequences per optimizer step over all data-parallel ranks (a multiple of
+    micro_batch_size * dp; the rest is gradient accumulation)."""
+    logging_steps: int = 10
+    """Print a metrics line every this many steps (metrics.jsonl gets every step)."""
+    eval_steps: int = 50
+    """Evaluate every this many steps (and at the end); 0 = only at the end."""
+    save_steps: int = 0
+    """Checkpoint every this many steps (and at the end); 0 = only at the end."""
+    save_total_limit: int = 2
+    """Keep the newest this many checkpoints."""
+
+    def __post_init__(self):
+        if self.max_steps < 1:
+            raise ConfigError(f"train.max_steps = {self.max_steps}: must be >= 1")
+        if self.micro_batch_size < 1 or self.global_batch_size < 1:
+            raise ConfigError("train.micro_batch_size and train.global_batch_size must be >= 1")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ConfigError(
+                f"train.global_batch_size = {self.global_batch_size} is not a multiple of "
+                f"train.micro_batch_size = {self.micro_batch_size}"
+            )
+        if self.save_total_limit < 1:
+            raise ConfigError("train.save_total_limit must be >= 1")
+
+    def num_microbatches(self, dp: int) -> int:
+        """Gradient-accumulation steps per optimizer step on each DP rank."""
+        per_step = self.micro_batch_size * dp
+        if self.global_batch_size % per_step:
+            raise ConfigError(
+                f"train.global_batch_size = {self.global_batch_size} is not a multiple of "
+                f"micro_batch_size * dp = {self.micro_batch_size} * {dp}: change one of them"
+            )
+        return self.global_batch_size // per_step
