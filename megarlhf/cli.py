@@ -30,6 +30,42 @@ def _add_quickstart(sub) -> None:
     p.add_argument("--seed", type=int, default=1234, help="weights and data seed (default 1234)")
 
 
+STAGES = {
+    "sft": ("supervised fine-tuning of the policy", "SFTConfig", "megarlhf.trainers.sft", "SFTTrainer"),
+    "rm": ("reward model (Bradley-Terry) training", "RMConfig", "megarlhf.trainers.rm", "RewardModelTrainer"),
+}
+
+
+def _fields_help(config_name: str) -> str:
+    import megarlhf.config as config_module
+    from megarlhf.config import describe
+
+    rows = describe(getattr(config_module, config_name))
+    width = max(len(k) for k, _, _ in rows)
+    lines = ["config fields (YAML sections, or dotted overrides key=value):"]
+    for key, default, doc in rows:
+        lines.append(f"  {key:<{width}}  {doc} [default: {default}]")
+    return "\n".join(lines)
+
+
+def _add_stage(sub, name: str) -> None:
+    summary, config_name, _, _ = STAGES[name]
+    p = sub.add_parser(
+        name,
+        help=summary,
+        description=f"megarlhf {name}: {summary}. Runs SPMD: the same command on every rank.",
+        epilog=_fields_help(config_name),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", help="YAML config (sections: model, layout, optim, data, train, ...)")
+    p.add_argument(
+        "--resume",
+        default=None,
+        help="'auto' = continue from run_dir/checkpoints/latest if it exists; or a checkpoint path",
+    )
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.learning_rate=3e-4")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="megarlhf",
@@ -38,16 +74,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"megarlhf {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
+    for name in STAGES:
+        _add_stage(sub, name)
     _add_quickstart(sub)
     return parser
 
 
+def run_stage(name: str, config_path: str | None, overrides: list[str], resume: str | None) -> dict:
+    import importlib
+
+    import megarlhf.config as config_module
+    from megarlhf.config import load_config
+
+    _, config_name, module, trainer_name = STAGES[name]
+    cfg = load_config(getattr(config_module, config_name), config_path, overrides)
+    trainer = getattr(importlib.import_module(module), trainer_name)(cfg, resume=resume)
+    return trainer.fit()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from megarlhf.checkpoint.dist_ckpt import CheckpointError
     from megarlhf.config import ConfigError, DataError
     from megarlhf.parallel import LayoutError
 
     try:
+        if args.command in STAGES:
+            run_stage(args.command, args.config, args.overrides, args.resume)
+            return 0
         if args.command == "quickstart":
             from megarlhf.quickstart import run_quickstart
 
@@ -55,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, LayoutError) as err:
         print(f"megarlhf {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except CheckpointError as err:
+        print(f"megarlhf {args.command}: checkpoint error: {err}", file=sys.stderr)
+        return 3
     raise AssertionError(f"unhandled command {args.command}")
 
 

@@ -147,15 +147,25 @@ def _prune(root: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def load_model_weights(model: torch.nn.Module, groups: RoleGroups, path: str | Path, role: str) -> Path:
-    """Load only the model weights of `role` (at this model's layout, any saved layout)."""
+def load_model_weights(
+    model: torch.nn.Module, groups: RoleGroups, path: str | Path, role: str, exclude: tuple[str, ...] = ()
+) -> Path:
+    """Load the model weights of `role` into `model` (any saved TP/PP -> this layout).
+
+    Parameters whose names start with a prefix in `exclude` keep their current values
+    (e.g. a freshly initialised value head on top of an SFT policy).
+    """
     ckpt = resolve_checkpoint(path)
     if not (ckpt / role).is_dir():
         found = sorted(p.name for p in ckpt.iterdir() if p.is_dir() and p.name != "rng")
         raise CheckpointError(f"{ckpt} has no '{role}' model (it has: {found})")
     try:
-        state = dist_checkpointing.load({"model": _model_state(model, groups)}, str(ckpt / role))
-        model.load_state_dict(state["model"], strict=True)
+        wanted = {k: v for k, v in _model_state(model, groups).items() if not k.startswith(exclude)}
+        state = dist_checkpointing.load({"model": wanted}, str(ckpt / role))
+        missing, unexpected = model.load_state_dict(state["model"], strict=False)
+        missing = [k for k in missing if not k.startswith(exclude) and not k.endswith("_extra_state")]
+        if missing or unexpected:
+            raise CheckpointError(f"{ckpt / role}: missing {missing}, unexpected {unexpected}")
     except CheckpointError:
         raise
     except Exception as err:  # shape/key mismatches surface as assorted exception types

@@ -1,0 +1,87 @@
+"""The run directory every stage writes, and its metrics log. Layer: trainers/.
+
+    run_dir/config.yaml      the fully resolved config
+    run_dir/metrics.jsonl    one JSON object per step (and per evaluation)
+    run_dir/checkpoints/     iter_NNNNNNN/ + latest (see checkpoint/dist_ckpt.py)
+    run_dir/logs/            rank-0 log of the printed lines
+    run_dir/summary.json     written at the end
+
+Only rank 0 writes; other ranks get a `RunDir` whose writes are no-ops.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from megarlhf.config import dump_yaml
+
+
+class RunDir:
+    def __init__(self, path: str | Path, config: Any, *, is_main: bool, resume: bool):
+        self.path = Path(path)
+        self.is_main = is_main
+        self._progress = None
+        if not is_main:
+            return
+        (self.path / "logs").mkdir(parents=True, exist_ok=True)
+        (self.path / "config.yaml").write_text(dump_yaml(config))
+        metrics = self.path / "metrics.jsonl"
+        if not resume and metrics.exists():
+            metrics.unlink()  # a fresh run in an old directory starts a fresh log
+        self._metrics = metrics.open("a")
+        self._log = (self.path / "logs" / "train.log").open("a")
+
+    def truncate_metrics(self, after_step: int) -> None:
+        """On resume, drop log lines of steps after the checkpoint (they will be redone)."""
+        if not self.is_main:
+            return
+        self._metrics.close()
+        path = self.path / "metrics.jsonl"
+        kept = [line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) <= after_step]
+        path.write_text("".join(line + "\n" for line in kept))
+        self._metrics = path.open("a")
+
+    def log_metrics(self, step: int, metrics: dict[str, float], **extra: Any) -> None:
+        if not self.is_main:
+            return
+        row = {"step": step, "time": round(time.time(), 3), **extra}
+        row.update({k: (v if math.isfinite(v) else None) for k, v in metrics.items()})
+        self._metrics.write(json.dumps(row) + "\n")
+        self._metrics.flush()
+
+    def say(self, line: str) -> None:
+        if not self.is_main:
+            return
+        if self._progress is not None:
+            self._progress.write(line)
+        else:
+            print(line, flush=True)
+        self._log.write(line + "\n")
+        self._log.flush()
+
+    def progress(self, total: int, initial: int, desc: str):
+        """A tqdm bar on rank 0 (None elsewhere)."""
+        if not self.is_main:
+            return None
+        from tqdm import tqdm
+
+        self._progress = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, leave=True)
+        return self._progress
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        if not self.is_main:
+            return
+        (self.path / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+    def close(self) -> None:
+        if not self.is_main:
+            return
+        if self._progress is not None:
+            self._progress.close()
+            self._progress = None
+        self._metrics.close()
+        self._log.close()

@@ -1,0 +1,215 @@
+"""The loop shared by the supervised stages (SFT, reward model). Layer: trainers/.
+
+A subclass says what a sample is (`load_dataset`, `collate`), what the model outputs
+(`head`) and what the objective is (`loss`, `metrics`); this class does the rest:
+data-parallel sampling, global loss denominators, optimizer steps through the
+TrainEngine, evaluation, checkpoints and resume, metrics and progress.
+"""
+
+from __future__ import annotations
+
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megarlhf.checkpoint.dist_ckpt import (
+    CheckpointError,
+    load_checkpoint,
+    load_model_weights,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from megarlhf.config import ConfigError, SFTConfig
+from megarlhf.data import ChatTemplate, ShardedSampler, load_tokenizer
+from megarlhf.engine.engine import TrainEngine
+from megarlhf.models.backbone import build_model
+from megarlhf.parallel import Layout, build_parallel_context, init_distributed, seed_all
+from megarlhf.trainers.run import RunDir
+
+
+class SupervisedTrainer:
+    role: str = "actor"
+    """Name of the model in checkpoints ('actor' for SFT, 'reward' for the RM)."""
+    head: str = "lm"
+    """'lm' (policy) or 'value' (scalar per token)."""
+    stage: str = "sft"
+
+    def __init__(self, cfg: SFTConfig, resume: str | None = None):
+        self.cfg = cfg
+        init_distributed()
+        self.ctx = build_parallel_context({self.role: Layout(cfg.layout.tp, cfg.layout.pp)})
+        self.groups = self.ctx[self.role]
+        seed_all(cfg.train.seed, self.groups)
+        self.dp, self.dp_rank = self.groups.layout.dp, self.groups.dp_rank
+        self.num_microbatches = cfg.train.num_microbatches(self.dp)
+
+        self.tokenizer = load_tokenizer(cfg.data.tokenizer)
+        if self.tokenizer.vocab_size > cfg.model.vocab_size:
+            raise ConfigError(
+                f"model.vocab_size = {cfg.model.vocab_size} is smaller than the tokenizer's "
+                f"{self.tokenizer.vocab_size} ({cfg.data.tokenizer}): raise model.vocab_size"
+            )
+        self.template = ChatTemplate()
+        self.train_data = self.load_dataset(cfg.data.train_file, progress=self.ctx.is_main)
+        self.eval_data = self.load_dataset(cfg.data.eval_file, progress=False) if cfg.data.eval_file else None
+        self.sampler = ShardedSampler(
+            len(self.train_data), cfg.train.global_batch_size, self.dp_rank, self.dp, seed=cfg.train.seed
+        )
+
+        model = build_model(cfg.model, self.groups, self.head)
+        if cfg.init_from:
+            self._init_weights(model, cfg.init_from)
+        self.engine = TrainEngine(model, self.groups, cfg.optim, cfg.train.max_steps)
+        self.device = next(model.parameters()).device
+
+        self.step = 0
+        resume_from = self._resume_path(resume)
+        self.run = RunDir(cfg.train.run_dir, cfg, is_main=self.ctx.is_main, resume=resume_from is not None)
+        if resume_from is not None:
+            state = load_checkpoint(resume_from, {self.role: self.engine})
+            self.step = state["step"]
+            self.sampler.load_state_dict(state["sampler"])
+            self.run.truncate_metrics(self.step)
+            self.run.say(f"resumed from {resume_from} at step {self.step}")
+
+    # --- what subclasses define -------------------------------------------------------
+    def load_dataset(self, path: str, progress: bool):
+        raise NotImplementedError
+
+    def collate(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        """Items -> one microbatch (must contain tokens, position_ids, row_weight)."""
+        raise NotImplementedError
+
+    def count(self, mb: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The loss denominator contributed by one microbatch (tokens or sequences)."""
+        raise NotImplementedError
+
+    def loss(self, output: torch.Tensor, mb: dict[str, torch.Tensor], n: torch.Tensor):
+        """(sum over this microbatch / n, stats of sums) — see engine/schedule.py."""
+        raise NotImplementedError
+
+    def metrics(self, sums: dict[str, float], prefix: str = "") -> dict[str, float]:
+        raise NotImplementedError
+
+    # --- the loop ---------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        cfg = self.cfg.train
+        run = self.run
+        run.say(
+            f"megarlhf {self.stage}: {self.cfg.model.num_parameters(self.head) / 1e6:.2f}M parameters, "
+            f"layout {self.groups.layout}, {len(self.train_data)} training samples "
+            f"({self.train_data.num_skipped} skipped), global batch {cfg.global_batch_size} = "
+            f"{cfg.micro_batch_size} x {self.num_microbatches} microbatches x {self.dp} dp"
+        )
+        bar = run.progress(cfg.max_steps, self.step, desc=self.stage)
+        last_eval: dict[str, float] = {}
+        while self.step < cfg.max_steps:
+            t0 = time.perf_counter()
+            microbatches = self.next_microbatches()
+            n, tokens = self.global_counts(microbatches)
+            sums = self.engine.train_step(microbatches, partial(self.loss, n=n))
+            self.step += 1
+            elapsed = time.perf_counter() - t0
+            metrics = self.metrics(sums)
+            metrics.update(
+                grad_norm=sums["grad_norm"],
+                learning_rate=sums["learning_rate"],
+                epoch=self.sampler.epoch_progress(),
+                tokens_per_second=tokens / elapsed,
+                step_seconds=elapsed,
+            )
+            if cfg.eval_steps and self.step % cfg.eval_steps == 0 or self.step == cfg.max_steps:
+                last_eval = self.evaluate()
+                metrics.update(last_eval)
+            run.log_metrics(self.step, metrics)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k in self.postfix_keys})
+            if self.step % cfg.logging_steps == 0 or self.step == cfg.max_steps:
+                run.say(f"step {self.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+            if cfg.save_steps and self.step % cfg.save_steps == 0 or self.step == cfg.max_steps:
+                self.save()
+        summary = {"stage": self.stage, "steps": self.step, "final": metrics, "eval": last_eval}
+        run.write_summary(summary)
+        run.close()
+        return summary
+
+    postfix_keys = ("loss",)
+
+    def next_microbatches(self) -> list[dict[str, torch.Tensor]]:
+        """This DP rank's slice of the next global batch, split into microbatches."""
+        indices = self.sampler.next_batch()
+        mbs = self.cfg.train.micro_batch_size
+        return [
+            self.collate([self.train_data[i] for i in indices[k : k + mbs]])
+            for k in range(0, len(indices), mbs)
+        ]
+
+    def global_counts(self, microbatches) -> tuple[torch.Tensor, float]:
+        """(loss denominator, non-pad tokens) summed over microbatches and DP ranks.
+
+        All-reduced *before* the microbatch loop, so every microbatch's loss is
+        sum / N_global and the accumulated gradient is that of the global mean.
+        """
+        local = torch.stack(
+            [
+                torch.stack([self.count(mb) for mb in microbatches]).sum(),
+                torch.stack([mb["attention_tokens"] for mb in microbatches]).sum(),
+            ]
+        ).double().to(self.device)
+        dist.all_reduce(local, group=self.groups.dp)
+        n = local[0].clamp(min=1).float()
+        return n, local[1].item()
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Forward-only pass over the whole eval set; metrics prefixed 'eval_'."""
+        if self.eval_data is None:
+            return {}
+        mbs, total = self.cfg.train.micro_batch_size, len(self.eval_data)
+        sums: dict[str, float] = {}
+        chunk = mbs * self.dp
+        for start in range(0, total, chunk):
+            # Every rank runs the same number of microbatches; rows past the end repeat
+            # the last sample with row_weight 0.
+            lo = start + self.dp_rank * mbs
+            idx = [min(i, total - 1) for i in range(lo, lo + mbs)]
+            mb = self.collate([self.eval_data[i] for i in idx])
+            mb["row_weight"] = (torch.arange(lo, lo + mbs) < total).to(mb["row_weight"].dtype).to(self.device)
+            n, _ = self.global_counts([mb])
+            for k, v in self.engine.forward([mb], partial(self.loss, n=n)).items():
+                sums[k] = sums.get(k, 0.0) + v
+        return self.metrics(sums, prefix="eval_")
+
+    def save(self) -> None:
+        path = save_checkpoint(
+            self.cfg.train.run_dir,
+            self.step,
+            {self.role: self.engine},
+            {"sampler": self.sampler.state_dict(), "stage": self.stage},
+            keep=self.cfg.train.save_total_limit,
+        )
+        self.run.say(f"saved checkpoint {path}")
+
+    def _resume_path(self, resume: str | None) -> Path | None:
+        if resume is None:
+            return None
+        if resume == "auto":
+            try:
+                return resolve_checkpoint(self.cfg.train.run_dir)
+            except CheckpointError:
+                return None  # nothing to resume: a fresh run
+        return resolve_checkpoint(resume)
+
+    def _init_weights(self, model: torch.nn.Module, path: str) -> None:
+        ckpt = resolve_checkpoint(path)
+        if (ckpt / self.role).is_dir():
+            load_model_weights(model, self.groups, ckpt, self.role)
+        else:
+            # A reward model starting from an SFT policy: everything but the LM head,
+            # which the value head replaces.
+            load_model_weights(model, self.groups, ckpt, "actor", exclude=("output_layer.",))
