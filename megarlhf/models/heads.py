@@ -26,9 +26,11 @@ class ValueHead(torch.nn.Module):
         super().__init__()
         self.sequence_parallel = config.sequence_parallel
         self.tp_group = tp_group
-        self.linear = torch.nn.Linear(config.hidden_size, 1, dtype=config.params_dtype)
-        torch.nn.init.normal_(self.linear.weight, std=config.init_method_std)
-        torch.nn.init.zeros_(self.linear.bias)
+        # `weight`/`bias` directly on the module (not a nested Linear): Megatron's
+        # LanguageModule.sharded_state_dict expects the key `output_layer.weight`.
+        self.weight = torch.nn.Parameter(torch.empty(1, config.hidden_size, dtype=config.params_dtype))
+        self.bias = torch.nn.Parameter(torch.zeros(1, dtype=config.params_dtype))
+        torch.nn.init.normal_(self.weight, std=config.init_method_std)
 
     def forward(self, hidden: torch.Tensor, weight=None, runtime_gather_output=None):
         """[s, b, h] -> ([s, b, 1], None), the output layer's (output, bias) contract."""
@@ -36,7 +38,7 @@ class ValueHead(torch.nn.Module):
             hidden = gather_from_sequence_parallel_region(
                 hidden, tensor_parallel_output_grad=False, group=self.tp_group
             )
-        return self.linear(hidden), None
+        return torch.nn.functional.linear(hidden, self.weight, self.bias), None
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
         """Replicated over TP (no TP axis), deduplicated over DP, like a norm weight."""

@@ -118,7 +118,7 @@ class SupervisedTrainer:
             metrics.update(
                 grad_norm=sums["grad_norm"],
                 learning_rate=sums["learning_rate"],
-                epoch=self.sampler.epoch_progress(),
+                epoch=self._epoch(),
                 tokens_per_second=tokens / elapsed,
                 step_seconds=elapsed,
             )
@@ -139,6 +139,11 @@ class SupervisedTrainer:
         return summary
 
     postfix_keys = ("loss",)
+
+    def _epoch(self) -> float:
+        """Fractional epochs of training data consumed (TRL's `epoch`)."""
+        s = self.sampler
+        return s.epoch + s.consumed_in_epoch / (s.batches_per_epoch * s.global_batch_size)
 
     def next_microbatches(self) -> list[dict[str, torch.Tensor]]:
         """This DP rank's slice of the next global batch, split into microbatches."""

@@ -1,0 +1,179 @@
+"""Tokenized in-memory datasets for SFT, preference (RM/DPO) and RL-prompt JSONL files.
+
+Layer: data/ (imports torch, stdlib, megarlhf.config and data.*; tqdm only when asked for).
+
+Each dataset reads its file once, tokenizes every record with the chat template, and
+keeps tensors. Length policy (`truncation`), for a sample longer than `max_length`:
+  - "error": raise `DataError("file:line: ... has N tokens, max_length is M ...")`;
+  - "right": cut the end; a cut that leaves no response token is a bad line (an error, or
+    skipped and counted under `on_error="skip"`);
+  - "drop": skip the sample and count it.
+`num_skipped` counts bad lines skipped under `on_error="skip"` plus dropped samples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from megarlhf.config.errors import ConfigError, DataError
+from megarlhf.data.chat import ChatTemplate, Message
+from megarlhf.data.jsonl import (
+    PreferenceRecord, PromptRecord, RecordError, SFTRecord, parse_preference, parse_prompt, parse_sft, read_jsonl,
+)  # fmt: skip
+from megarlhf.data.tokenizer import Tokenizer
+
+TRUNCATIONS = ("error", "right", "drop")
+Truncation = Literal["error", "right", "drop"]
+
+
+class _TooLong(Exception):
+    """A sample over max_length under truncation="error": always fatal, never skipped."""
+
+
+def _fit(ids: list[int], mask: list[int], max_length: int, truncation: str, what: str):
+    """Apply the length policy. Returns (ids, mask), or None to drop the sample."""
+    n = len(ids)
+    if n <= max_length:
+        return ids, mask
+    if truncation == "error":
+        raise _TooLong(
+            f"{what} has {n} tokens, max_length is {max_length}; raise max_length, or set "
+            "truncation='right' (cut the end) or 'drop' (skip such samples)"
+        )
+    if truncation == "drop":
+        return None
+    if not any(mask[:max_length]):
+        raise RecordError(f"{what} has {n} tokens; cutting it to max_length={max_length} leaves no response token")
+    return ids[:max_length], mask[:max_length]
+
+
+def _check_options(max_length: int, truncation: str, allowed: tuple[str, ...] = TRUNCATIONS) -> None:
+    if not isinstance(max_length, int) or max_length < 1:
+        raise ConfigError(f"max_length={max_length!r}; expected a positive integer")
+    if truncation not in allowed:
+        raise ConfigError(f"truncation={truncation!r}; expected one of {allowed}")
+
+
+class _TokenizedDataset:
+    """Items built once from a JSONL file; `lines[i]` is the file line of item i."""
+
+    def __init__(
+        self, path: str | Path, parse: Callable[[dict], Any], encode: Callable[[Any], dict | None],
+        on_error: Literal["error", "skip"], progress: bool,
+    ):  # fmt: skip
+        self.source = str(path)
+        records, self.num_skipped = read_jsonl(path, parse, on_error)
+        self._items: list[dict] = []
+        self.lines: list[int] = []
+        for lineno, record in _progress(records, progress, f"tokenizing {Path(path).name}"):
+            try:
+                item = encode(record)
+            except _TooLong as e:
+                raise DataError(f"{path}:{lineno}: {e}") from None
+            except RecordError as e:
+                if on_error == "error":
+                    raise DataError(f"{path}:{lineno}: {e}") from None
+                item = None
+            if item is None:
+                self.num_skipped += 1
+                continue
+            self._items.append(item)
+            self.lines.append(lineno)
+        if not self._items:
+            raise DataError(f"{path}: no usable samples ({self.num_skipped} skipped)")
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, i: int) -> dict:
+        return self._items[i]
+
+
+def _progress(records: list, enabled: bool, desc: str) -> Iterable:
+    if not enabled:
+        return records
+    from tqdm import tqdm  # only the CLI asks for a bar; library use stays dependency-free
+
+    return tqdm(records, desc=desc, unit="sample")
+
+
+class SFTDataset(_TokenizedDataset):
+    """Items: `{"input_ids": LongTensor[L], "loss_mask": FloatTensor[L]}`, L <= max_length."""
+
+    def __init__(
+        self, path: str | Path, tokenizer: Tokenizer, template: ChatTemplate, max_length: int,
+        truncation: Truncation = "error", on_error: Literal["error", "skip"] = "error", progress: bool = False,
+    ):  # fmt: skip
+        _check_options(max_length, truncation)
+        template.marker_ids(tokenizer)  # a bad template is a config error, before any data error
+
+        def encode(record: SFTRecord) -> dict | None:
+            ids, mask = template.render(tokenizer, record.messages)
+            fitted = _fit(ids, mask, max_length, truncation, "sample")
+            if fitted is None:
+                return None
+            return {"input_ids": torch.tensor(fitted[0], dtype=torch.long),
+                    "loss_mask": torch.tensor(fitted[1], dtype=torch.float)}  # fmt: skip
+
+        super().__init__(path, parse_sft, encode, on_error, progress)
+
+
+def _render_completion(tokenizer: Tokenizer, template: ChatTemplate, prompt: list[Message], completion: list[Message]):
+    """Prompt + completion, masked on the completion's assistant tokens only (assistant turns
+    inside a multi-turn prompt are context, not the preference being scored)."""
+    ids, mask = template.render(tokenizer, prompt + completion)
+    n_prompt = len(template.render(tokenizer, prompt)[0])
+    return ids, [0] * n_prompt + mask[n_prompt:]
+
+
+class PreferenceDataset(_TokenizedDataset):
+    """Items: `{"chosen_ids", "chosen_mask", "rejected_ids", "rejected_mask"}` (Long, Float);
+    masks are 1 on the response tokens (and their EOS)."""
+
+    def __init__(
+        self, path: str | Path, tokenizer: Tokenizer, template: ChatTemplate, max_length: int,
+        truncation: Truncation = "error", on_error: Literal["error", "skip"] = "error", progress: bool = False,
+    ):  # fmt: skip
+        _check_options(max_length, truncation)
+        template.marker_ids(tokenizer)
+
+        def encode(record: PreferenceRecord) -> dict | None:
+            item = {}
+            for side in ("chosen", "rejected"):
+                ids, mask = _render_completion(tokenizer, template, record.prompt, getattr(record, side))
+                fitted = _fit(ids, mask, max_length, truncation, side)
+                if fitted is None:
+                    return None  # drop the pair: one side alone is no preference
+                item[f"{side}_ids"] = torch.tensor(fitted[0], dtype=torch.long)
+                item[f"{side}_mask"] = torch.tensor(fitted[1], dtype=torch.float)
+            return item
+
+        super().__init__(path, parse_preference, encode, on_error, progress)
+
+
+class PromptDataset(_TokenizedDataset):
+    """Items: `{"prompt_ids": LongTensor[P], "answer": any JSON or None, "meta": dict}`.
+
+    Prompts end with the assistant marker, so truncation "right" is refused: it would cut
+    the marker off and ask the policy to continue the user's text.
+    """
+
+    def __init__(
+        self, path: str | Path, tokenizer: Tokenizer, template: ChatTemplate, max_length: int,
+        truncation: Literal["error", "drop"] = "error", on_error: Literal["error", "skip"] = "error",
+        progress: bool = False,
+    ):  # fmt: skip
+        _check_options(max_length, truncation, allowed=("error", "drop"))
+        template.marker_ids(tokenizer)
+
+        def encode(record: PromptRecord) -> dict | None:
+            ids = template.render_prompt(tokenizer, record.prompt)
+            if _fit(ids, [0] * len(ids), max_length, truncation, "prompt") is None:  # mask unused: no cut
+                return None
+            return {"prompt_ids": torch.tensor(ids, dtype=torch.long), "answer": record.answer, "meta": record.meta}
+
+        super().__init__(path, parse_prompt, encode, on_error, progress)

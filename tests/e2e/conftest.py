@@ -1,0 +1,39 @@
+"""Shared e2e fixtures: the synthetic task's data and tokenizer, built once per session."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def task_data(tmp_path_factory) -> dict[str, Path]:
+    from megarlhf.data import train_sentencepiece, write_synthetic
+
+    out = tmp_path_factory.mktemp("sort_task")
+    paths = write_synthetic(out, seed=0)
+    paths["tokenizer"] = Path(train_sentencepiece([str(paths["tokenizer_corpus"])], str(out / "sp"), 64))
+    return paths
+
+
+def megarlhf(*args, nproc: int = 1, timeout: float = 900) -> subprocess.CompletedProcess:
+    """Run the CLI as a user would (torchrun for more than one rank)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1" if nproc > 1 else "2", PYTHONPATH=str(REPO))
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "-m", "megarlhf", *args]
+    else:
+        cmd = [sys.executable, "-m", "megarlhf", *args]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def data_overrides(task_data, train: str, eval_: str | None = None) -> list[str]:
+    out = [f"data.tokenizer={task_data['tokenizer']}", f"data.train_file={task_data[train]}"]
+    if eval_:
+        out.append(f"data.eval_file={task_data[eval_]}")
+    return out
