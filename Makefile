@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.megarlhf-installed
 NPROC ?= 2
-QUICKSTART_ARGS ?= --tp 2
+QUICKSTART_ARGS ?=
 PYTEST_ARGS ?=
 
 .PHONY: quickstart test install clean-venv

@@ -16,6 +16,26 @@ from megarlhf import __version__
 def _add_quickstart(sub) -> None:
     p = sub.add_parser(
         "quickstart",
+        help="the whole pipeline on a tiny model: data, tokenizer, SFT, reward model",
+        description=(
+            "Generates the synthetic sorting task, trains a sentencepiece tokenizer, then "
+            "SFT and a reward model (initialised from the SFT policy) on a tiny Llama-style "
+            "model, and prints a summary. Everything goes under --run-dir. Run it under "
+            "torchrun for more than one rank (data-parallel unless --tp/--pp say otherwise)."
+        ),
+    )
+    p.add_argument("--run-dir", default="runs/quickstart", help="where data, runs and checkpoints go")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (default 1)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="data and weights seed (default 0)")
+    p.add_argument("--resume", action="store_true", help="continue stages from their latest checkpoints")
+    p.add_argument("--sft-steps", type=int, default=200, help="SFT optimizer steps (default 200)")
+    p.add_argument("--rm-steps", type=int, default=250, help="reward-model optimizer steps (default 250)")
+
+
+def _add_selfcheck(sub) -> None:
+    p = sub.add_parser(
+        "selfcheck",
         help="train-step smoke run of a tiny Llama-style model at a TP/PP/DP layout",
         description=(
             "Builds a tiny Llama-style GPTModel on Megatron-Core at the given layout, runs "
@@ -77,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name in STAGES:
         _add_stage(sub, name)
     _add_quickstart(sub)
+    _add_selfcheck(sub)
     return parser
 
 
@@ -105,7 +126,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "quickstart":
             from megarlhf.quickstart import run_quickstart
 
-            return run_quickstart(tp=args.tp, pp=args.pp, steps=args.steps, seed=args.seed)
+            return run_quickstart(
+                args.run_dir, tp=args.tp, pp=args.pp, seed=args.seed, resume=args.resume,
+                sft_steps=args.sft_steps, rm_steps=args.rm_steps,
+            )  # fmt: skip
+        if args.command == "selfcheck":
+            from megarlhf.selfcheck import run_selfcheck
+
+            return run_selfcheck(tp=args.tp, pp=args.pp, steps=args.steps, seed=args.seed)
     except (ConfigError, DataError, LayoutError) as err:
         print(f"megarlhf {args.command}: error: {err}", file=sys.stderr)
         return 2

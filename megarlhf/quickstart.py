@@ -1,97 +1,95 @@
-"""The quick-start: the smallest real end-to-end run that exists so far.
+"""`megarlhf quickstart`: the whole pipeline on a tiny model, on a laptop CPU.
 
-Layer: entry point (called by the CLI). Today it is a training-step smoke run: a tiny
-Llama-style model at the requested TP/PP/DP layout does forward+backward through
-Megatron-Core's pipeline schedule and DDP, and the log-probs and gradients are checked
-against one unsharded model on one rank. It grows into tokenizer -> SFT -> RM -> PPO as
-those stages land.
+Layer: entry point (called by the CLI). Stages, each a real run directory under
+--run-dir:
+    data/   the synthetic sorting task (examples/data/make_synthetic.py) + a sentencepiece
+            tokenizer trained on it
+    sft/    supervised fine-tuning (examples/sft_tiny.yaml)
+    rm/     reward model initialised from the SFT policy (examples/rm_tiny.yaml)
+PPO joins after the reward model once the PPO stage lands (issue 6).
+The configs are the example YAMLs shipped with the repository, with paths pointed at
+--run-dir, so what the quick-start runs is exactly what a user would run by hand.
 """
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
-from megarlhf.config import ModelConfig
-from megarlhf.engine.schedule import run_microbatches, wrap_ddp, zero_grads
-from megarlhf.models.backbone import build_model
-from megarlhf.models.logprobs import logprobs_and_entropy
-from megarlhf.parallel import Layout, build_parallel_context, init_distributed, seed_all, weights
+from megarlhf.config import RMConfig, SFTConfig, load_config
+from megarlhf.parallel import init_distributed
 
-MODEL = ModelConfig(
-    arch="llama", num_layers=4, hidden_size=128, num_attention_heads=4, num_query_groups=2,
-    vocab_size=250, max_seq_length=128,
-)  # fmt: skip
-BATCH, SEQ, MICROBATCHES = 8, 64, 2
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-def _nll(output, batch, n_tokens, tp_group):
-    logprobs, _ = logprobs_and_entropy(
-        output[:, :-1], batch["tokens"][:, 1:], tp_group=tp_group, vocab_size=MODEL.vocab_size
-    )
-    loss = -(logprobs * batch["mask"][:, 1:]).sum() / n_tokens
-    return loss, {"nll_sum": loss.detach() * n_tokens}
+def _prepare_data(data_dir: Path, seed: int, is_main: bool) -> Path:
+    """Rank 0 writes the task files and trains the tokenizer; the others wait."""
+    from megarlhf.data import train_sentencepiece, write_synthetic
 
-
-def run_quickstart(tp: int = 1, pp: int = 1, steps: int = 3, seed: int = 1234) -> int:
-    launch = init_distributed()
-    ctx = build_parallel_context({"actor": Layout(tp, pp), "reference": Layout(1, 1)})
-    actor, single = ctx["actor"], ctx["reference"]
-    say = print if ctx.is_main else (lambda *a, **k: None)
-    say(f"megarlhf quickstart: world {ctx.world_size} ({launch.launcher}), actor layout {actor.layout}")
-
-    # One unsharded copy on every rank: the oracle (and the weights' source).
-    seed_all(seed, single)
-    oracle = build_model(MODEL, single, "lm")
-    full = {n: p.detach().clone() for n, p in oracle.named_parameters()}
-    seed_all(seed, actor)
-    model = build_model(MODEL, actor, "lm")
-    weights.load_full_state(model, full, actor)
-    ddp = wrap_ddp(model, actor)
-    say(f"model: {MODEL.num_parameters() / 1e6:.2f}M parameters, {MODEL.num_layers} layers, hidden {MODEL.hidden_size}")
-
-    g = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, MODEL.vocab_size, (BATCH, SEQ), generator=g)
-    data = {
-        "tokens": tokens,
-        "position_ids": torch.arange(SEQ).expand(BATCH, SEQ).contiguous(),
-        "mask": torch.ones(BATCH, SEQ),
-    }
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    data = {k: v.to(device) for k, v in data.items()}
-    n_tokens = data["mask"][:, 1:].sum()
-    local = {k: v.chunk(actor.layout.dp)[actor.dp_rank] for k, v in data.items()}
-    microbatches = [{k: v.chunk(MICROBATCHES)[i] for k, v in local.items()} for i in range(MICROBATCHES)]
-    loss_fn = lambda out, mb: _nll(out, mb, n_tokens, actor.tp)  # noqa: E731
-
-    times = []
-    for _ in range(steps):
-        zero_grads(ddp)
-        t0 = time.perf_counter()
-        stats = run_microbatches(ddp, actor, microbatches, loss_fn)
-        times.append(time.perf_counter() - t0)
-
-    # Loss: sum over this rank's microbatches, then over DP ranks (last stage only).
-    nll = torch.stack([s["nll_sum"] for s in stats]).sum() if stats else torch.zeros((), device=device)
-    dist.all_reduce(nll)  # non-last stages contribute 0
-    nll = nll / (actor.layout.tp * n_tokens)  # every TP rank of the last stage holds the same sum
-    grads = weights.gather_full_state(model, actor, grads=True)
-
-    ref_out = oracle(data["tokens"], data["position_ids"], None)
-    ref_loss, _ = _nll(ref_out, data, n_tokens, None)
-    ref_loss.backward()
-    grad_diff = max((grads[n] - p.grad).abs().max().item() for n, p in oracle.named_parameters())
-    loss_diff = abs(nll.item() - ref_loss.item())
-
-    tokens_per_s = BATCH * SEQ / min(times)
-    say(f"forward+backward, {BATCH}x{SEQ} tokens in {MICROBATCHES} microbatches: "
-        f"{min(times) * 1000:.0f} ms/step, {tokens_per_s:,.0f} tokens/s")  # fmt: skip
-    say(f"loss {nll.item():.4f} (uniform guess: {torch.log(torch.tensor(250.0)).item():.4f})")
-    say(f"vs one unsharded rank: |loss diff| {loss_diff:.2e}, max |grad diff| {grad_diff:.2e}")
-    ok = loss_diff < 1e-4 and grad_diff < 1e-4
-    say("OK: the parallel layout reproduces the single-rank result." if ok else "MISMATCH: see above.")
-    say("(SFT -> RM -> PPO join this quick-start as those stages land; see README.)")
+    tokenizer = data_dir / "sp.model"
+    if is_main and not tokenizer.is_file():
+        paths = write_synthetic(data_dir, seed=seed)
+        train_sentencepiece([str(paths["tokenizer_corpus"])], str(data_dir / "sp"), vocab_size=64)
     dist.barrier()
-    return 0 if ok else 1
+    return tokenizer
+
+
+def run_quickstart(
+    run_dir: str, tp: int = 1, pp: int = 1, seed: int = 0, resume: bool = False, sft_steps: int = 200, rm_steps: int = 250
+) -> int:
+    from megarlhf.trainers.rm import RewardModelTrainer
+    from megarlhf.trainers.sft import SFTTrainer
+
+    t_start = time.perf_counter()
+    launch = init_distributed()
+    is_main = launch.rank == 0
+    root = Path(run_dir)
+    data = root / "data"
+    say = print if is_main else (lambda *a, **k: None)
+    say(f"megarlhf quickstart: {launch.world_size} rank(s), layout tp={tp} pp={pp}, everything under {root}/")
+
+    t0 = time.perf_counter()
+    tokenizer = _prepare_data(data, seed, is_main)
+    times = {"data + tokenizer": time.perf_counter() - t0}
+
+    common = [f"data.tokenizer={tokenizer}", f"layout.tp={tp}", f"layout.pp={pp}", f"train.seed={seed}"]
+    sft_cfg = load_config(
+        SFTConfig, EXAMPLES / "sft_tiny.yaml",
+        common + [f"data.train_file={data / 'sft.jsonl'}", f"data.eval_file={data / 'sft_test.jsonl'}",
+                  f"train.run_dir={root / 'sft'}", f"train.max_steps={sft_steps}"],
+    )  # fmt: skip
+    t0 = time.perf_counter()
+    sft = SFTTrainer(sft_cfg, resume="auto" if resume else None).fit()
+    times["SFT"] = time.perf_counter() - t0
+
+    rm_cfg = load_config(
+        RMConfig, EXAMPLES / "rm_tiny.yaml",
+        common + [f"data.train_file={data / 'prefs_train.jsonl'}", f"data.eval_file={data / 'prefs_test.jsonl'}",
+                  f"train.run_dir={root / 'rm'}", f"init_from={root / 'sft'}", f"train.max_steps={rm_steps}"],
+    )  # fmt: skip
+    t0 = time.perf_counter()
+    rm = RewardModelTrainer(rm_cfg, resume="auto" if resume else None).fit()
+    times["reward model"] = time.perf_counter() - t0
+
+    if is_main:
+        sft_first = json.loads((root / "sft" / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+        rows = [
+            ("SFT train loss (first step -> last)", f"{sft_first:.3f} -> {sft['final']['loss']:.3f}"),
+            ("SFT held-out loss", f"{sft['eval']['eval_loss']:.3f}"),
+            ("RM held-out accuracy", f"{rm['eval']['eval_accuracy']:.3f}"),
+            ("RM held-out reward chosen / rejected",
+             f"{rm['eval']['eval_rewards_chosen']:.2f} / {rm['eval']['eval_rewards_rejected']:.2f}"),
+        ] + [(f"time: {k}", f"{v:.0f} s") for k, v in times.items()]  # fmt: skip
+        rows.append(("time: total", f"{time.perf_counter() - t_start:.0f} s"))
+        width = max(len(k) for k, _ in rows)
+        print("\n" + "=" * (width + 24))
+        for k, v in rows:
+            print(f"{k:<{width}}  {v}")
+        print("=" * (width + 24))
+        print(f"Run directories: {root / 'sft'}, {root / 'rm'} (metrics.jsonl, checkpoints/, summary.json).")
+        print("PPO on top of these joins the quick-start when the PPO stage lands.")
+    dist.barrier()
+    return 0

@@ -18,9 +18,9 @@ def test_cpu_layer_stays_out_on_gpu():
     assert not cpu_compat.is_installed()
 
 
-def test_quickstart_on_gpu_matches_single_rank():
+def test_selfcheck_on_gpu_matches_single_rank():
     nproc = min(2, torch.cuda.device_count())
-    args = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "-m", "megarlhf", "quickstart"]
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "-m", "megarlhf", "selfcheck"]
     if nproc == 2:
         args += ["--tp", "2"]
     out = subprocess.run(args, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=600)

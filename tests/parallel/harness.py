@@ -10,6 +10,7 @@ fails with a timeout instead of hanging the suite.
 
 from __future__ import annotations
 
+import atexit
 import multiprocessing as mp
 import os
 import queue
@@ -68,11 +69,13 @@ class World:
         self.tasks = [ctx.Queue() for _ in range(world_size)]
         port = _free_port()
         self.procs = [
-            ctx.Process(target=_worker, args=(r, world_size, port, self.tasks[r], self.results), daemon=True)
+            # Not daemonic: dist_checkpointing's save forks writer processes of its own.
+            ctx.Process(target=_worker, args=(r, world_size, port, self.tasks[r], self.results), daemon=False)
             for r in range(world_size)
         ]
         for p in self.procs:
             p.start()
+        atexit.register(self.close, force=True)  # never leave ranks behind the test run
         self._collect("startup", start_timeout_s)
 
     def _collect(self, what: str, timeout_s: float) -> list[Any]:

@@ -29,8 +29,8 @@ def test_help_lists_commands():
 
 
 @pytest.mark.parametrize("layout", [["--tp", "2"], ["--pp", "2"], []], ids=["tp2", "pp2", "dp2"])
-def test_quickstart_two_ranks_matches_single_rank(layout):
-    out = torchrun(2, "-m", "megarlhf", "quickstart", "--steps", "1", *layout)
+def test_selfcheck_two_ranks_matches_single_rank(layout):
+    out = torchrun(2, "-m", "megarlhf", "selfcheck", "--steps", "1", *layout)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "OK: the parallel layout reproduces the single-rank result." in out.stdout
     grad_diff = float(re.search(r"max \|grad diff\| ([0-9.e+-]+)", out.stdout).group(1))
@@ -38,7 +38,7 @@ def test_quickstart_two_ranks_matches_single_rank(layout):
 
 
 def test_impossible_layout_exits_2_with_a_message():
-    out = run([sys.executable, "-m", "megarlhf", "quickstart", "--tp", "3"])
+    out = run([sys.executable, "-m", "megarlhf", "selfcheck", "--tp", "3"])
     assert out.returncode == 2
     assert "tp*pp = 3*1 = 3 does not divide the world size 1" in out.stderr
 
@@ -56,3 +56,15 @@ def test_bench_forward_backward_prints_its_figures(tmp_path):
     assert figures["tokens_per_step"] == 4 * 32
     assert figures["tokens_per_s"] > 0 and figures["matmul_peak_tflops"] > 0
     assert 0 < figures["fraction_of_peak"]
+
+
+def test_quickstart_pipeline_on_two_ranks(tmp_path):
+    """The README's first command, shortened: data -> tokenizer -> SFT -> RM on DP2."""
+    out = torchrun(2, "-m", "megarlhf", "quickstart", "--run-dir", str(tmp_path), "--sft-steps", "30", "--rm-steps", "10")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "RM held-out accuracy" in out.stdout
+    for stage in ("sft", "rm"):
+        assert (tmp_path / stage / "summary.json").is_file()
+        assert (tmp_path / stage / "checkpoints" / "latest").is_file()
+    first, last = re.search(r"SFT train loss \(first step -> last\)\s+([0-9.]+) -> ([0-9.]+)", out.stdout).groups()
+    assert float(last) < float(first)

@@ -1,0 +1,194 @@
+#!/usr/bin/env python
+"""Training throughput of Hugging Face TRL's SFTTrainer / RewardTrainer on a tiny Llama.
+
+The baseline half of tools/bench_vs_trl.py; runs in a virtualenv with TRL installed and
+never imports megarlhf or Megatron. Reads pre-tokenized JSONL written by bench_vs_trl.py
+(SFT rows {"input_ids", "completion_mask"}, RM rows {"chosen_ids", "rejected_ids"}), so
+both frameworks train on the same token ids.
+
+    /tmp/trlvenv/bin/python tools/trl_baseline.py --stage sft --data work/trl_sft.jsonl --steps 60
+
+Timing, per optimizer step, from a TrainerCallback:
+  - wall: previous on_step_end -> this on_step_end. Includes fetching and collating the
+    step's batches, as megarlhf's `step_seconds` does (its clock starts before it builds
+    the microbatches). This is the figure compared with megarlhf.
+  - compute: on_step_begin -> on_step_end. Trainer fetches a step's batches *before*
+    on_step_begin, so this leaves data loading out.
+Tokens = non-pad tokens (attention_mask sum) of the batches of that step, counted in a
+wrapped data collator; batches are collated in order, so a FIFO pairs them with steps.
+The first --warmup steps are skipped. The last stdout line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections import deque
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stage", choices=["sft", "rm"], required=True)
+    p.add_argument("--data", required=True, help="pre-tokenized JSONL (see above)")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--ffn", type=int, default=256)
+    p.add_argument("--vocab", type=int, default=32, help="model vocabulary (megarlhf's padded vocab)")
+    p.add_argument("--max-positions", type=int, default=64)
+    p.add_argument("--rope-theta", type=float, default=10000.0)
+    p.add_argument("--norm-eps", type=float, default=1e-5)
+    p.add_argument("--tie-embeddings", action="store_true", help="default: untied, as megarlhf's default")
+    p.add_argument("--micro-batch-size", type=int, default=16, help="SFT sequences / RM pairs per microbatch")
+    p.add_argument("--grad-accum", type=int, default=2, help="microbatches per optimizer step")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup-lr-steps", type=int, default=20, help="learning-rate warmup steps")
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--max-length", type=int, default=32)
+    p.add_argument("--pad-id", type=int, default=0)
+    p.add_argument("--eos-id", type=int, default=3)
+    p.add_argument("--steps", type=int, default=60, help="optimizer steps to run")
+    p.add_argument("--warmup", type=int, default=5, help="first steps left out of the figures")
+    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (and OMP_NUM_THREADS)")
+    p.add_argument("--seed", type=int, default=1234)
+    return p.parse_args(argv)
+
+
+def build_tokenizer(vocab: int, pad_id: int, eos_id: int):
+    """A WordLevel tokenizer with one piece per id: TRL wants a processing_class with pad and
+    EOS pieces, but never tokenizes pre-tokenized rows, so the pieces need no meaning."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    pieces = {f"<id{i}>": i for i in range(vocab)}
+    tok = Tokenizer(models.WordLevel(pieces, unk_token=f"<id{pad_id}>"))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=f"<id{pad_id}>", eos_token=f"<id{eos_id}>")
+
+
+def build_model(args):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+    torch.manual_seed(args.seed)
+    config = LlamaConfig(
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.ffn,
+        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+        max_position_embeddings=args.max_positions, rms_norm_eps=args.norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": args.rope_theta},
+        tie_word_embeddings=args.tie_embeddings, pad_token_id=args.pad_id, eos_token_id=args.eos_id,
+        bos_token_id=None, use_cache=False, attn_implementation="sdpa", dtype=torch.float32,
+    )  # fmt: skip
+    if args.stage == "sft":
+        return LlamaForCausalLM(config).float()
+    config.num_labels = 1
+    return LlamaForSequenceClassification(config).float()
+
+
+class CountingCollator:
+    """Wraps a collator; remembers the non-pad token count of every batch it builds, in order."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.counts: deque[int] = deque()
+
+    def __call__(self, examples):
+        batch = self.inner(examples)
+        self.counts.append(int(batch["attention_mask"].sum()))
+        return batch
+
+
+def make_timer(collator: CountingCollator, grad_accum: int):
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.rows: list[dict] = []
+            self.last_end = self.begin = 0.0
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.last_end = time.perf_counter()
+
+        def on_step_begin(self, args, state, control, **kw):
+            self.begin = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            end = time.perf_counter()
+            tokens = sum(collator.counts.popleft() for _ in range(grad_accum))
+            self.rows.append({"tokens": tokens, "wall": end - self.last_end, "compute": end - self.begin})
+            self.last_end = end
+
+    return StepTimer()
+
+
+def summarize(rows: list[dict], warmup: int) -> dict:
+    timed = rows[warmup:]
+    if not timed:
+        raise SystemExit(f"error: no timed steps: {len(rows)} steps run, --warmup {warmup}; raise --steps")
+    tokens = sum(r["tokens"] for r in timed)
+    out = {"timed_steps": len(timed), "tokens": tokens}
+    for clock in ("wall", "compute"):
+        seconds = sum(r[clock] for r in timed)
+        out[f"{clock}_seconds"] = seconds
+        out[f"{clock}_median_tokens_per_second"] = statistics.median(r["tokens"] / r[clock] for r in timed)
+        out[f"{clock}_total_tokens_per_second"] = tokens / seconds
+    return out
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
+    import torch
+    import transformers
+    import trl
+    from datasets import Dataset
+
+    torch.set_num_threads(args.threads)
+    with open(args.data, encoding="utf-8") as f:
+        dataset = Dataset.from_list([json.loads(line) for line in f])
+    tokenizer = build_tokenizer(args.vocab, args.pad_id, args.eos_id)
+    model = build_model(args)
+
+    common = dict(
+        output_dir=tempfile.mkdtemp(prefix="trl_baseline_"), max_steps=args.steps,
+        per_device_train_batch_size=args.micro_batch_size, gradient_accumulation_steps=args.grad_accum,
+        learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=args.warmup_lr_steps,
+        weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, max_length=args.max_length,
+        # TRL defaults gradient_checkpointing=True; megarlhf's configs recompute nothing.
+        gradient_checkpointing=False, use_cpu=True, bf16=False, dataloader_num_workers=0,
+        dataset_num_proc=None, report_to=[], save_strategy="no", logging_steps=args.steps + 1,
+        disable_tqdm=True, seed=args.seed,
+    )  # fmt: skip
+    if args.stage == "sft":
+        config = trl.SFTConfig(**common, packing=False, completion_only_loss=True)
+        trainer = trl.SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
+    else:
+        config = trl.RewardConfig(**common)
+        trainer = trl.RewardTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
+    if len(trainer.train_dataset) != len(dataset):
+        raise SystemExit(f"error: TRL dropped {len(dataset) - len(trainer.train_dataset)} of {len(dataset)} rows")
+
+    collator = CountingCollator(trainer.data_collator)
+    trainer.data_collator = collator  # read when train() builds the dataloader
+    timer = make_timer(collator, args.grad_accum)
+    trainer.add_callback(timer)
+    trainer.train()
+
+    result = {
+        "framework": "trl", "stage": args.stage, "steps": len(timer.rows), "warmup": args.warmup,
+        "threads": torch.get_num_threads(), "parameters": sum(p.numel() for p in model.parameters()),
+        "versions": {"trl": trl.__version__, "transformers": transformers.__version__, "torch": torch.__version__},
+        **summarize(timer.rows, args.warmup), "per_step": timer.rows,
+    }  # fmt: skip
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
