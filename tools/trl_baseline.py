@@ -16,6 +16,7 @@ Timing, per optimizer step, from a TrainerCallback:
     on_step_begin, so this leaves data loading out.
 Tokens = non-pad tokens (attention_mask sum) of the batches of that step, counted in a
 wrapped data collator; batches are collated in order, so a FIFO pairs them with steps.
+`positions` = padded positions computed (TRL pads each batch to its longest row).
 The first --warmup steps are skipped. The last stdout line is one JSON object.
 """
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -92,15 +94,16 @@ def build_model(args):
 
 
 class CountingCollator:
-    """Wraps a collator; remembers the non-pad token count of every batch it builds, in order."""
+    """Wraps a collator; remembers, in order, each batch's non-pad tokens and padded positions."""
 
     def __init__(self, inner):
         self.inner = inner
-        self.counts: deque[int] = deque()
+        self.counts: deque[tuple[int, int]] = deque()
 
     def __call__(self, examples):
         batch = self.inner(examples)
-        self.counts.append(int(batch["attention_mask"].sum()))
+        mask = batch["attention_mask"]  # [rows, longest in batch]
+        self.counts.append((int(mask.sum()), mask.numel()))
         return batch
 
 
@@ -120,8 +123,10 @@ def make_timer(collator: CountingCollator, grad_accum: int):
 
         def on_step_end(self, args, state, control, **kw):
             end = time.perf_counter()
-            tokens = sum(collator.counts.popleft() for _ in range(grad_accum))
-            self.rows.append({"tokens": tokens, "wall": end - self.last_end, "compute": end - self.begin})
+            tokens, positions = map(sum, zip(*(collator.counts.popleft() for _ in range(grad_accum))))
+            self.rows.append(
+                {"tokens": tokens, "positions": positions, "wall": end - self.last_end, "compute": end - self.begin}
+            )
             self.last_end = end
 
     return StepTimer()
@@ -132,7 +137,7 @@ def summarize(rows: list[dict], warmup: int) -> dict:
     if not timed:
         raise SystemExit(f"error: no timed steps: {len(rows)} steps run, --warmup {warmup}; raise --steps")
     tokens = sum(r["tokens"] for r in timed)
-    out = {"timed_steps": len(timed), "tokens": tokens}
+    out = {"timed_steps": len(timed), "tokens": tokens, "positions": sum(r["positions"] for r in timed)}
     for clock in ("wall", "compute"):
         seconds = sum(r[clock] for r in timed)
         out[f"{clock}_seconds"] = seconds
@@ -160,8 +165,8 @@ def main(argv=None) -> int:
         per_device_train_batch_size=args.micro_batch_size, gradient_accumulation_steps=args.grad_accum,
         learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=args.warmup_lr_steps,
         weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, max_length=args.max_length,
-        # TRL defaults gradient_checkpointing=True; megarlhf's configs recompute nothing.
-        gradient_checkpointing=False, use_cpu=True, bf16=False, dataloader_num_workers=0,
+        # TRL turns activation (gradient) checkpointing on by default; megarlhf's configs recompute nothing.
+        activation_checkpointing=False, use_cpu=True, bf16=False, dataloader_num_workers=0,
         dataset_num_proc=None, report_to=[], save_strategy="no", logging_steps=args.steps + 1,
         disable_tqdm=True, seed=args.seed,
     )  # fmt: skip
@@ -174,11 +179,14 @@ def main(argv=None) -> int:
     if len(trainer.train_dataset) != len(dataset):
         raise SystemExit(f"error: TRL dropped {len(dataset) - len(trainer.train_dataset)} of {len(dataset)} rows")
 
+    if model.is_activation_checkpointing:
+        raise SystemExit("error: activation checkpointing is on; the comparison assumes no recompute")
     collator = CountingCollator(trainer.data_collator)
     trainer.data_collator = collator  # read when train() builds the dataloader
     timer = make_timer(collator, args.grad_accum)
     trainer.add_callback(timer)
     trainer.train()
+    shutil.rmtree(config.output_dir, ignore_errors=True)  # save_strategy="no": nothing worth keeping
 
     result = {
         "framework": "trl", "stage": args.stage, "steps": len(timer.rows), "warmup": args.warmup,

@@ -32,8 +32,11 @@ class RewardModelTrainer(SupervisedTrainer):
             truncation=d.truncation, on_error=d.on_error, progress=progress,
         )  # fmt: skip
 
-    def collate(self, items):
-        mb = collate_preference(items, self.cfg.data.max_length, self.tokenizer.pad_id)
+    def sample_length(self, item) -> int:
+        return max(len(item["chosen_ids"]), len(item["rejected_ids"]))
+
+    def collate(self, items, seq_length):
+        mb = collate_preference(items, seq_length, self.tokenizer.pad_id)
         mb["row_weight"] = torch.ones(len(items))  # one weight per pair
         mb["attention_tokens"] = (mb["last_index"] + 1).sum().float()
         return {k: v.to(self.device) for k, v in mb.items()}

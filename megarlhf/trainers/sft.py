@@ -24,8 +24,11 @@ class SFTTrainer(SupervisedTrainer):
             truncation=d.truncation, on_error=d.on_error, progress=progress,
         )  # fmt: skip
 
-    def collate(self, items):
-        mb = collate_sft(items, self.cfg.data.max_length, self.tokenizer.pad_id)
+    def sample_length(self, item) -> int:
+        return len(item["input_ids"])
+
+    def collate(self, items, seq_length):
+        mb = collate_sft(items, seq_length, self.tokenizer.pad_id)
         mb["row_weight"] = torch.ones(len(items))
         mb["attention_tokens"] = torch.tensor(float(sum(len(it["input_ids"]) for it in items)))
         return {k: v.to(self.device) for k, v in mb.items()}

@@ -80,9 +80,24 @@ class SupervisedTrainer:
     def load_dataset(self, path: str, progress: bool):
         raise NotImplementedError
 
-    def collate(self, items: list[dict]) -> dict[str, torch.Tensor]:
-        """Items -> one microbatch (must contain tokens, position_ids, row_weight)."""
+    def collate(self, items: list[dict], seq_length: int) -> dict[str, torch.Tensor]:
+        """Items -> one microbatch padded to seq_length (tokens, position_ids, row_weight, ...)."""
         raise NotImplementedError
+
+    def sample_length(self, item: dict) -> int:
+        """Tokens one row of this item needs."""
+        raise NotImplementedError
+
+    def step_length(self, items: list[dict]) -> int:
+        """Pad a step's microbatches to its longest sample, not to data.max_length.
+
+        All microbatches of a step share one shape (pipeline stages exchange fixed-size
+        activations; every stage sees the same data, so they agree on it). Rounded up to a
+        multiple of 8 (and of tp, for sequence parallelism) to keep kernel shapes few.
+        """
+        multiple = 8 * self.groups.layout.tp
+        longest = max(self.sample_length(it) for it in items)
+        return min(self.cfg.data.max_length, -(-longest // multiple) * multiple) if longest else multiple
 
     def count(self, mb: dict[str, torch.Tensor]) -> torch.Tensor:
         """The loss denominator contributed by one microbatch (tokens or sequences)."""
@@ -147,12 +162,9 @@ class SupervisedTrainer:
 
     def next_microbatches(self) -> list[dict[str, torch.Tensor]]:
         """This DP rank's slice of the next global batch, split into microbatches."""
-        indices = self.sampler.next_batch()
-        mbs = self.cfg.train.micro_batch_size
-        return [
-            self.collate([self.train_data[i] for i in indices[k : k + mbs]])
-            for k in range(0, len(indices), mbs)
-        ]
+        items = [self.train_data[i] for i in self.sampler.next_batch()]
+        mbs, length = self.cfg.train.micro_batch_size, self.step_length(items)
+        return [self.collate(items[k : k + mbs], length) for k in range(0, len(items), mbs)]
 
     def global_counts(self, microbatches) -> tuple[torch.Tensor, float]:
         """(loss denominator, non-pad tokens) summed over microbatches and DP ranks.
@@ -183,7 +195,8 @@ class SupervisedTrainer:
             # the last sample with row_weight 0.
             lo = start + self.dp_rank * mbs
             idx = [min(i, total - 1) for i in range(lo, lo + mbs)]
-            mb = self.collate([self.eval_data[i] for i in idx])
+            items = [self.eval_data[i] for i in idx]
+            mb = self.collate(items, self.step_length(items))
             mb["row_weight"] = (torch.arange(lo, lo + mbs) < total).to(mb["row_weight"].dtype).to(self.device)
             n, _ = self.global_counts([mb])
             for k, v in self.engine.forward([mb], partial(self.loss, n=n)).items():

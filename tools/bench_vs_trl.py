@@ -1,0 +1,271 @@
+#!/usr/bin/env python
+"""SFT and reward-model training tokens/s: megarlhf vs Hugging Face TRL on this machine.
+
+    python tools/bench_vs_trl.py                                   # both stages, 60 steps each
+    python tools/bench_vs_trl.py --stages rm --steps 30 --json out.json
+
+Same model, data and batch shapes on both sides: the tiny Llama of examples/sft_tiny.yaml
+and examples/rm_tiny.yaml (read from those files, passed on to TRL), the synthetic sorting
+task, global batch = micro batch x accumulation of the config, one process, float32.
+Steps:
+  1. build the task's data and sentencepiece tokenizer in <data-dir> (kept when present);
+  2. tokenize with megarlhf's own datasets and write pre-tokenized JSONL for TRL, so both
+     sides train on the same token ids (SFT: input_ids + completion_mask = megarlhf's
+     loss_mask; RM: chosen_ids + rejected_ids);
+  3. run `python -m megarlhf sft|rm` and read tokens_per_second/step_seconds per step from
+     its metrics.jsonl (the end-of-run checkpoint is outside the timed steps);
+  4. run tools/trl_baseline.py with --trl-python (a virtualenv with TRL; it never imports
+     megarlhf);
+  5. print a table and write --json if asked.
+Tokens/s = non-pad tokens of the batches trained in a step / wall time of that step; the
+first --warmup steps are skipped on both sides. Reported: the median of per-step rates,
+and total tokens / total time of the timed steps. A step's clock covers building its
+batches on both sides; TRL's compute-only clock (data loading excluded) is shown too.
+
+Differences left in (each side's own behaviour): megarlhf pads every batch to
+data.max_length, TRL to the batch's longest row (the table shows the non-pad share of
+computed positions; this favours TRL); each side draws its own sample order; optimizers
+are each side's default (Megatron's Adam vs TRL's fused AdamW). On a 2-core machine any
+other load makes 2-thread figures meaningless (a warning is printed): run it idle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+STAGES = {  # stage -> (example config, config class, training file of the synthetic task)
+    "sft": ("examples/sft_tiny.yaml", "SFTConfig", "sft.jsonl"),
+    "rm": ("examples/rm_tiny.yaml", "RMConfig", "prefs_train.jsonl"),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stages", nargs="+", choices=list(STAGES), default=list(STAGES), help="default: sft rm")
+    p.add_argument("--steps", type=int, default=60, help="optimizer steps per stage and side (default 60)")
+    p.add_argument("--warmup", type=int, default=5, help="first steps left out of the figures (default 5)")
+    p.add_argument("--work-dir", default="runs/bench_vs_trl", help="runs, logs and TRL's JSONL go here")
+    p.add_argument("--data-dir", default=None, help="task data + sp.model; default <work-dir>/data, built if missing")
+    p.add_argument("--trl-python", default="/tmp/trlvenv/bin/python", help="python of a virtualenv with TRL")
+    p.add_argument("--threads", type=int, default=2, help="torch threads on both sides (OMP_NUM_THREADS)")
+    p.add_argument("--json", default=None, help="also write settings and figures to this file")
+    args = p.parse_args(argv)
+    if args.steps <= args.warmup:
+        p.error(f"--steps {args.steps} must exceed --warmup {args.warmup}")
+    return args
+
+
+def prepare_data(data_dir: Path) -> Path:
+    """The sorting task and its tokenizer in `data_dir` (written unless all present); returns sp.model."""
+    from megarlhf.data import train_sentencepiece, write_synthetic
+
+    model = data_dir / "sp.model"
+    if not all((data_dir / f).is_file() for f in [model.name] + [s[2] for s in STAGES.values()]):
+        paths = write_synthetic(data_dir, seed=0)
+        train_sentencepiece([paths["tokenizer_corpus"]], data_dir / "sp", vocab_size=64)
+    return model
+
+
+def write_trl_jsonl(stage: str, cfg, out: Path) -> int:
+    """megarlhf's tokenization of the training file, as TRL's pre-tokenized columns; returns rows."""
+    from megarlhf.data import ChatTemplate, PreferenceDataset, SFTDataset, load_tokenizer
+
+    tok, d = load_tokenizer(cfg.data.tokenizer), cfg.data
+    dataset_cls = SFTDataset if stage == "sft" else PreferenceDataset
+    data = dataset_cls(d.train_file, tok, ChatTemplate(), d.max_length, truncation=d.truncation, on_error=d.on_error)
+    with open(out, "w", encoding="utf-8") as f:
+        for it in data:
+            if stage == "sft":
+                row = {"input_ids": it["input_ids"].tolist(), "completion_mask": it["loss_mask"].int().tolist()}
+            else:
+                row = {"chosen_ids": it["chosen_ids"].tolist(), "rejected_ids": it["rejected_ids"].tolist()}
+            f.write(json.dumps(row) + "\n")
+    return len(data)
+
+
+def summarize(rows: list[dict], warmup: int) -> dict:
+    """Per-step {"tokens", "seconds"} -> median of per-step rates and total tokens / total time."""
+    timed = rows[warmup:]
+    tokens, seconds = sum(r["tokens"] for r in timed), sum(r["seconds"] for r in timed)
+    return {
+        "timed_steps": len(timed), "tokens": tokens, "seconds": seconds,
+        "median_tokens_per_second": statistics.median(r["tokens"] / r["seconds"] for r in timed),
+        "total_tokens_per_second": tokens / seconds,
+    }  # fmt: skip
+
+
+def busy_cores(seconds: float = 1.0) -> float:
+    """Cores kept busy by other processes, from /proc/stat over `seconds` (Linux; else the
+    1-minute load average, which lags and so also counts the previous run of this tool)."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:]]
+        return ticks[3] + ticks[4], sum(ticks)  # (idle + iowait, total)
+
+    try:
+        idle0, total0 = sample()
+        time.sleep(seconds)
+        idle1, total1 = sample()
+    except OSError:
+        return os.getloadavg()[0]
+    return (1 - (idle1 - idle0) / max(total1 - total0, 1)) * (os.cpu_count() or 1)
+
+
+def check_idle(threads: int, what: str) -> float:
+    """Warns when the run would share cores: figures then mean little, since an OpenMP thread
+    waiting for a busy core can make a step tens of times slower. Returns the busy cores."""
+    busy = busy_cores()
+    if busy + threads > (os.cpu_count() or 1) + 0.25:
+        print(f"warning: {busy:.1f} cores busy before {what}, {threads} threads on {os.cpu_count()} cores: "
+              "other processes share the CPU; rerun on an idle machine", file=sys.stderr)  # fmt: skip
+    return busy
+
+
+def run_logged(cmd: list[str], log: Path, env: dict) -> str:
+    """Run `cmd` in the repo root, stderr to `log`; returns stdout; exits with the log's tail on failure."""
+    with open(log, "w") as err:
+        proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=err, text=True)
+    if proc.returncode:
+        tail = "".join(log.read_text().splitlines(keepends=True)[-20:])
+        sys.exit(f"error: {' '.join(cmd[:4])} ... exited {proc.returncode}; last lines of {log}:\n{tail}")
+    return proc.stdout
+
+
+def run_megarlhf(stage: str, overrides: list[str], run_dir: Path, log: Path, env: dict, warmup: int) -> dict:
+    cmd = [sys.executable, "-m", "megarlhf", stage, "--config", STAGES[stage][0], *overrides]
+    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    run_logged(cmd, log, env)
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    steps = sorted((json.loads(line) for line in lines), key=lambda r: r["step"])
+    rows = [
+        {"tokens": r["tokens_per_second"] * r["step_seconds"], "seconds": r["step_seconds"]}
+        for r in steps if "step_seconds" in r
+    ]  # fmt: skip
+    return {**summarize(rows, warmup), "steps": len(rows), "per_step": rows}
+
+
+def run_trl(stage: str, cfg, data: Path, args, log: Path, env: dict) -> dict:
+    from megarlhf.data import load_tokenizer
+
+    m, tok = cfg.model, load_tokenizer(cfg.data.tokenizer)
+    cmd = [
+        args.trl_python, str(REPO / "tools" / "trl_baseline.py"), "--stage", stage, "--data", str(data),
+        "--layers", m.num_layers, "--hidden", m.hidden_size, "--heads", m.num_attention_heads,
+        "--kv-heads", m.query_groups, "--ffn", m.ffn_size, "--vocab", m.padded_vocab_size,
+        "--max-positions", m.max_seq_length, "--rope-theta", m.rope_theta, "--norm-eps", m.norm_eps,
+        "--micro-batch-size", cfg.train.micro_batch_size, "--grad-accum", cfg.train.num_microbatches(1),
+        "--lr", cfg.optim.learning_rate, "--warmup-lr-steps", cfg.optim.warmup_steps,
+        "--weight-decay", cfg.optim.weight_decay, "--max-grad-norm", cfg.optim.max_grad_norm,
+        "--max-length", cfg.data.max_length, "--pad-id", tok.pad_id, "--eos-id", tok.eos_id,
+        "--steps", args.steps, "--warmup", args.warmup, "--threads", args.threads, "--seed", cfg.train.seed,
+        *(["--tie-embeddings"] if m.tie_embeddings else []),
+    ]  # fmt: skip
+    out = run_logged([str(c) for c in cmd], log, env)
+    r = json.loads(out.strip().splitlines()[-1])
+    # The step clock that, like megarlhf's, includes building the step's batches.
+    r.update(median_tokens_per_second=r["wall_median_tokens_per_second"],
+             total_tokens_per_second=r["wall_total_tokens_per_second"])  # fmt: skip
+    return r
+
+
+def bench_stage(stage: str, data_dir: Path, tokenizer: Path, args, env: dict) -> dict:
+    import megarlhf.config as config_module
+    from megarlhf.config import load_config
+
+    work = Path(args.work_dir).resolve()
+    run_dir = work / f"megarlhf_{stage}"
+    overrides = [
+        f"data.tokenizer={tokenizer}", f"data.train_file={data_dir / STAGES[stage][2]}", "data.eval_file=",
+        f"train.run_dir={run_dir}", f"train.max_steps={args.steps}", "train.eval_steps=0", "train.save_steps=0",
+        *(["init_from="] if stage == "rm" else []),
+    ]  # fmt: skip
+    cfg = load_config(getattr(config_module, STAGES[stage][1]), REPO / STAGES[stage][0], overrides)
+    m = cfg.model
+    if m.arch != "llama" or cfg.layout.tp * cfg.layout.pp != 1 or m.recompute != "none" or m.add_qkv_bias:
+        sys.exit(
+            f"error: {STAGES[stage][0]}: the TRL twin is a Llama without QKV bias or recompute on one process; "
+            "need model.arch=llama, add_qkv_bias=false, recompute=none, layout.tp=layout.pp=1"
+        )
+    trl_data = work / f"trl_{stage}.jsonl"
+    rows = write_trl_jsonl(stage, cfg, trl_data)
+    print(f"[{stage}] megarlhf: {args.steps} steps ...", flush=True)
+    busy = check_idle(args.threads, f"megarlhf {stage}")
+    ours = run_megarlhf(stage, overrides, run_dir, work / f"megarlhf_{stage}.log", env, args.warmup)
+    ours.update(busy_cores=busy, parameters=cfg.model.num_parameters("lm" if stage == "sft" else "value"))
+    print(f"[{stage}] TRL: {args.steps} steps ...", flush=True)
+    busy = check_idle(args.threads, f"TRL {stage}")
+    trl = run_trl(stage, cfg, trl_data, args, work / f"trl_{stage}.log", env)
+    trl["busy_cores"] = busy
+    seqs_per_step = cfg.train.global_batch_size * (2 if stage == "rm" else 1)  # an RM pair is two rows
+    ours["positions"] = ours["timed_steps"] * seqs_per_step * cfg.data.max_length  # padded to max_length
+    return {
+        "megarlhf": ours, "trl": trl, "samples": rows, "sequences_per_step": seqs_per_step,
+        "ratio_median": ours["median_tokens_per_second"] / trl["median_tokens_per_second"],
+        "ratio_total": ours["total_tokens_per_second"] / trl["total_tokens_per_second"],
+        "config": {
+            "model": {**vars(cfg.model), "ffn_size": cfg.model.ffn_size, "query_groups": cfg.model.query_groups,
+                      "padded_vocab_size": cfg.model.padded_vocab_size},
+            "micro_batch_size": cfg.train.micro_batch_size, "global_batch_size": cfg.train.global_batch_size,
+            "max_length": cfg.data.max_length,
+        },
+    }  # fmt: skip
+
+
+def print_table(results: dict, args) -> None:
+    head = f"{'stage':<6}{'figure':<16}{'megarlhf tok/s':>15}{'TRL tok/s':>12}{'ratio':>8}"
+    head += f"{'TRL compute-only':>18}{'ratio':>8}"
+    print("\n" + head + "\n" + "-" * len(head))
+    for stage, r in results.items():
+        ours, trl = r["megarlhf"], r["trl"]
+        for label, key in (("median of steps", "median"), ("total / time", "total")):
+            a, b = ours[f"{key}_tokens_per_second"], trl[f"{key}_tokens_per_second"]
+            c = trl[f"compute_{key}_tokens_per_second"]
+            print(f"{stage:<6}{label:<16}{a:>15.0f}{b:>12.0f}{a / b:>7.2f}x{c:>18.0f}{a / c:>7.2f}x")
+    print()
+    for stage, r in results.items():
+        ours, trl, m, c = r["megarlhf"], r["trl"], r["config"]["model"], r["config"]
+        print(
+            f"{stage}: {m['num_layers']} layers, hidden {m['hidden_size']}, {m['num_attention_heads']} heads / "
+            f"{m['query_groups']} KV, ffn {m['ffn_size']}, vocab {m['padded_vocab_size']}; parameters megarlhf "
+            f"{ours['parameters']:,} / TRL {trl['parameters']:,}\n"
+            f"    batch {c['global_batch_size']} = {c['micro_batch_size']} x "
+            f"{c['global_batch_size'] // c['micro_batch_size']} ({r['sequences_per_step']} sequences/step) "
+            f"from {r['samples']} samples; non-pad share of computed positions: megarlhf "
+            f"{ours['tokens'] / ours['positions']:.0%} (pads to max_length {c['max_length']}), "
+            f"TRL {trl['tokens'] / trl['positions']:.0%} (pads to the batch's longest)\n"
+            f"    cores busy with other work just before the runs: megarlhf {ours['busy_cores']:.1f}, "
+            f"TRL {trl['busy_cores']:.1f}"
+        )
+    v = next(iter(results.values()))["trl"]["versions"]
+    print(
+        f"steps {args.steps} per side, first {args.warmup} skipped; {args.threads} threads; float32 CPU; "
+        f"TRL {v['trl']}, transformers {v['transformers']}, torch {v['torch']} (TRL side)"
+    )
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    work = Path(args.work_dir).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    data_dir = Path(args.data_dir).resolve() if args.data_dir else work / "data"
+    tokenizer = prepare_data(data_dir)
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    results = {stage: bench_stage(stage, data_dir, tokenizer, args, env) for stage in args.stages}
+    print_table(results, args)
+    if args.json:
+        settings = {k: v for k, v in vars(args).items() if k != "json"}
+        Path(args.json).write_text(json.dumps({"settings": settings, "stages": results}, indent=1) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
