@@ -22,9 +22,9 @@ first --warmup steps are skipped on both sides. Reported: the median of per-step
 and total tokens / total time of the timed steps. A step's clock covers building its
 batches on both sides; TRL's compute-only clock (data loading excluded) is shown too.
 
-Differences left in (each side's own behaviour): megarlhf pads every batch to
-data.max_length, TRL to the batch's longest row (the table shows the non-pad share of
-computed positions; this favours TRL); each side draws its own sample order; optimizers
+Differences left in (each side's own behaviour): megarlhf pads a step's microbatches to
+the step's longest sample (rounded up to a multiple of 8), TRL each microbatch to its own
+longest row (the table shows the non-pad share of computed positions); each side draws its own sample order; optimizers
 are each side's default (Megatron's Adam vs TRL's fused AdamW). On a 2-core machine any
 other load makes 2-thread figures meaningless (a warning is printed): run it idle.
 """
@@ -146,10 +146,13 @@ def run_megarlhf(stage: str, overrides: list[str], run_dir: Path, log: Path, env
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     steps = sorted((json.loads(line) for line in lines), key=lambda r: r["step"])
     rows = [
-        {"tokens": r["tokens_per_second"] * r["step_seconds"], "seconds": r["step_seconds"]}
+        {"tokens": r["tokens_per_second"] * r["step_seconds"], "seconds": r["step_seconds"],
+         "seq_length": r["seq_length"]}
         for r in steps if "step_seconds" in r
     ]  # fmt: skip
-    return {**summarize(rows, warmup), "steps": len(rows), "per_step": rows}
+    timed = rows[warmup:]
+    return {**summarize(rows, warmup), "steps": len(rows), "per_step": rows,
+            "mean_seq_length": sum(r["seq_length"] for r in timed) / max(len(timed), 1)}  # fmt: skip
 
 
 def run_trl(stage: str, cfg, data: Path, args, log: Path, env: dict) -> dict:
@@ -205,7 +208,8 @@ def bench_stage(stage: str, data_dir: Path, tokenizer: Path, args, env: dict) ->
     trl = run_trl(stage, cfg, trl_data, args, work / f"trl_{stage}.log", env)
     trl["busy_cores"] = busy
     seqs_per_step = cfg.train.global_batch_size * (2 if stage == "rm" else 1)  # an RM pair is two rows
-    ours["positions"] = ours["timed_steps"] * seqs_per_step * cfg.data.max_length  # padded to max_length
+    # megarlhf pads each step to its longest sample (rounded up to a multiple of 8).
+    ours["positions"] = ours["timed_steps"] * seqs_per_step * ours["mean_seq_length"]
     return {
         "megarlhf": ours, "trl": trl, "samples": rows, "sequences_per_step": seqs_per_step,
         "ratio_median": ours["median_tokens_per_second"] / trl["median_tokens_per_second"],
@@ -239,7 +243,7 @@ def print_table(results: dict, args) -> None:
             f"    batch {c['global_batch_size']} = {c['micro_batch_size']} x "
             f"{c['global_batch_size'] // c['micro_batch_size']} ({r['sequences_per_step']} sequences/step) "
             f"from {r['samples']} samples; non-pad share of computed positions: megarlhf "
-            f"{ours['tokens'] / ours['positions']:.0%} (pads to max_length {c['max_length']}), "
+            f"{ours['tokens'] / ours['positions']:.0%} (pads each step to its longest sample), "
             f"TRL {trl['tokens'] / trl['positions']:.0%} (pads to the batch's longest)\n"
             f"    cores busy with other work just before the runs: megarlhf {ours['busy_cores']:.1f}, "
             f"TRL {trl['busy_cores']:.1f}"

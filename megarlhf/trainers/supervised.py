@@ -136,6 +136,7 @@ class SupervisedTrainer:
                 epoch=self._epoch(),
                 tokens_per_second=tokens / elapsed,
                 step_seconds=elapsed,
+                seq_length=microbatches[0]["tokens"].shape[1],
             )
             if cfg.eval_steps and self.step % cfg.eval_steps == 0 or self.step == cfg.max_steps:
                 last_eval = self.evaluate()
