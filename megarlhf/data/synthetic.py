@@ -168,3 +168,10 @@ def write_synthetic(
     with open(paths["tokenizer_corpus"], "w", encoding="utf-8", newline="\n") as f:
         f.writelines(line + "\n" for line in corpus)
     return paths
+
+
+def sort_reward_batch(prompts: list[str], responses: list[str], answers: list | None = None) -> list[float]:
+    """`sort_reward` over a batch, in the reward-function form the RL stages call
+    (`megarlhf.data.synthetic:sort_reward_batch`). `answers` is unused: the prompt holds
+    everything needed to check the response."""
+    return [sort_reward(p, r) for p, r in zip(prompts, responses)]

@@ -121,3 +121,26 @@ def test_stop_tokens_and_length_limit(world2):
     p = len(PROMPTS[0])
     assert stopped.response_mask[0, p + len(ids) :].sum() == 0
     assert (stopped.tokens[0, p + len(ids) :] == PAD).all()
+
+
+def _count_sevens(prompts, responses, answers):
+    return [float(r.split().count("7")) for r in responses]
+
+
+def best_of_n_case():
+    from megarlhf.rollout.best_of_n import best_of_n
+
+    model, g = _model(1)
+    engine = GenerationEngine(model, g, vocab_size=VOCAB, eos_id=EOS, pad_id=PAD)
+    decode = lambda ids: " ".join(str(t % 10) for t in ids)  # noqa: E731  (a stand-in detokenizer)
+    params = SamplingParams(max_new_tokens=8, temperature=1.0)
+    res = best_of_n(engine, PROMPTS, 8, params, _count_sevens, decode, ["p"] * 4, seed=3)
+    rescored = _count_sevens(None, [decode(r) for r in res.best], None)
+    return res, rescored
+
+
+def test_best_of_n_keeps_the_best_sample(world2):
+    res, rescored = world2.run(best_of_n_case)[0]
+    assert res.scores.shape == (4, 8)
+    assert res.best_scores == res.scores.max(dim=1).values.tolist() == rescored
+    assert sum(res.best_scores) / 4 > res.scores.mean().item()
