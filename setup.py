@@ -26,7 +26,7 @@ setup(
         "einops",  # megatron.core.hyper_comm_grid
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout"],
+        "test": ["pytest>=8", "pytest-timeout", "transformers"],  # HF conversion is checked against transformers
         # Transformer Engine fused kernels (GPU). Apex is optional too but is built from
         # source (NGC PyTorch containers ship both); megarlhf runs without either.
         "gpu": ["transformer-engine[pytorch]"],

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
+from megarlhf.config import dump_yaml
 from megarlhf.parallel.layout import RoleGroups
 
 _ITER = re.compile(r"^iter_(\d{7})$")
@@ -171,6 +172,40 @@ def load_model_weights(
     except Exception as err:  # shape/key mismatches surface as assorted exception types
         raise CheckpointError(f"cannot load {role} weights from {ckpt}: {err}") from err
     return ckpt
+
+
+def save_model_weights(
+    model: torch.nn.Module, groups: RoleGroups, run_dir: str | Path, role: str, step: int = 0, source: str = ""
+) -> Path:
+    """Collective: a weights-only checkpoint of `model` as `role` (no optimizer, no RNG).
+
+    Same layout and atomicity as `save_checkpoint`, so `load_model_weights` and the
+    trainers' `init_from` read it at any TP/PP. trainer_state.pt holds {"step", "source"};
+    `run_dir/model_config.yaml` records the ModelConfig to build the model with.
+    """
+    root = Path(run_dir) / "checkpoints"
+    final = root / iter_name(step)
+    tmp = root / (iter_name(step) + ".tmp")
+    rank = dist.get_rank()
+    if rank == 0:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        (tmp / role).mkdir(parents=True)
+    dist.barrier()
+    dist_checkpointing.save({"model": _model_state(model, groups)}, str(tmp / role))
+    if rank == 0:
+        torch.save({"step": step, "source": source}, tmp / "trainer_state.pt")
+        (Path(run_dir) / "model_config.yaml").write_text(dump_yaml(model.megarlhf_config))
+    dist.barrier()
+    if rank == 0:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        latest_tmp = root / "latest.tmp"
+        latest_tmp.write_text(final.name + "\n")
+        os.replace(latest_tmp, root / "latest")
+    dist.barrier()
+    return final
 
 
 def load_checkpoint(path: str | Path, engines: dict[str, Any]) -> dict[str, Any]:

@@ -22,7 +22,9 @@ from megarlhf.checkpoint.dist_ckpt import (
     load_model_weights,
     resolve_checkpoint,
     save_checkpoint,
+    save_model_weights,
 )
+from megarlhf.checkpoint.hf import copy_hf_metadata, load_hf_weights
 from megarlhf.config import ConfigError, SFTConfig
 from megarlhf.data import ChatTemplate, ShardedSampler, load_tokenizer
 from megarlhf.engine.engine import TrainEngine
@@ -225,6 +227,16 @@ class SupervisedTrainer:
         return resolve_checkpoint(resume)
 
     def _init_weights(self, model: torch.nn.Module, path: str) -> None:
+        if path.startswith("hf:"):
+            # Converted on the fly: every rank streams its own TP/PP slice out of the HF
+            # safetensors (a rank-0-only conversion could not write a dist checkpoint, whose
+            # save is collective). Kept as run_dir/hf_init for export and later stages.
+            src, out = Path(path[3:]), Path(self.cfg.train.run_dir) / "hf_init"
+            load_hf_weights(model, self.groups, src, progress=self.ctx.is_main)
+            save_model_weights(model, self.groups, out, self.role, source=path)
+            if self.ctx.is_main:
+                copy_hf_metadata(src, out / "hf")
+            return
         ckpt = resolve_checkpoint(path)
         if (ckpt / self.role).is_dir():
             load_model_weights(model, self.groups, ckpt, self.role)

@@ -1,0 +1,323 @@
+"""Hugging Face <-> megarlhf conversion, checked against transformers itself.
+
+Tiny random models are built with transformers from configs (no downloads): Llama with
+GQA (sharded safetensors + index), Qwen2 (q/k/v bias, tied embeddings), Mistral (sliding
+window), and a Llama reward model (LlamaForSequenceClassification). Every weight, norms
+and biases included, is redrawn so that no mapping error can hide behind a zero or a one.
+- tools/convert_hf_to_megatron.py output loads at TP1, TP2, PP2 and TP2xPP2 and gives
+  transformers' logits (float32, max abs diff printed);
+- the trainers' path (`load_hf_weights`: each rank streams its own slice) does too, and
+  a checkpoint it saves at TP2xPP2 exports back to exactly the original tensors, which
+  transformers loads;
+- a reward model scores the same in transformers' LlamaForSequenceClassification (last
+  non-pad token) as in megarlhf; trained a few steps (TP2 / PP2), it does so up to the
+  value head's bias, which HF cannot hold (the export says so and needs a flag);
+- bad inputs exit with code 2 and a message naming the tensor and both shapes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+from unittest.mock import patch
+
+import pytest
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from megarlhf.checkpoint.dist_ckpt import load_model_weights, save_model_weights
+from megarlhf.checkpoint.hf import load_hf_weights, model_config_from_hf, read_hf_config
+from megarlhf.config import ModelConfig, OptimConfig, load_config
+from megarlhf.engine.engine import TrainEngine
+from megarlhf.engine.schedule import run_microbatches
+from megarlhf.models.backbone import build_model
+from megarlhf.trainers.rm import sequence_scores
+from tests.parallel.common import groups, reseed
+
+transformers = pytest.importorskip("transformers")
+
+REPO = Path(__file__).resolve().parents[2]
+ATOL = 1e-4  # the issue's bound for float32; measured differences are printed
+PAD = 0
+TOKENS = torch.randint(1, 250, (2, 16), generator=torch.Generator().manual_seed(0))
+LENGTHS = torch.tensor([16, 11])  # the reward batch is right-padded with PAD
+
+SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=250, max_position_embeddings=64, rms_norm_eps=1e-5)  # fmt: skip
+FAMILIES = {
+    "llama": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(**SHAPE)),
+    "qwen2": lambda: transformers.Qwen2ForCausalLM(
+        transformers.Qwen2Config(**SHAPE, tie_word_embeddings=True, rope_theta=1000000.0)
+    ),
+    "mistral": lambda: transformers.MistralForCausalLM(transformers.MistralConfig(**SHAPE, sliding_window=32)),
+    "reward": lambda: transformers.LlamaForSequenceClassification(
+        transformers.LlamaConfig(**SHAPE, num_labels=1, pad_token_id=PAD)
+    ),
+}
+
+
+def tool(name: str, *args, expect: int = 0) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, str(REPO / "tools" / name), *map(str, args)], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert out.returncode == expect, out.stdout[-2000:] + out.stderr[-4000:]
+    return out
+
+
+def hf_output(model, tokens: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(tokens).logits
+
+
+@pytest.fixture(scope="module")
+def hf_models(tmp_path_factory):
+    """{family: (HF folder, converted megarlhf folder, transformers' logits on TOKENS)}."""
+    root = tmp_path_factory.mktemp("hf")
+    out = {}
+    for i, (family, make) in enumerate(FAMILIES.items()):
+        torch.manual_seed(i)
+        model = make().eval()
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.normal_(1.0 if "norm" in name else 0.0, 0.1)
+        src = root / family
+        # The Llama policy as many small shards (model.safetensors.index.json).
+        model.save_pretrained(src, max_shard_size="100KB" if family == "llama" else "1GB")
+        tokens = TOKENS.clone()
+        if family == "reward":
+            tokens[1, LENGTHS[1] :] = PAD
+        tool("convert_hf_to_megatron.py", src, root / f"{family}-mg")
+        out[family] = (src, root / f"{family}-mg", hf_output(model, tokens))
+    assert (root / "llama" / "model.safetensors.index.json").is_file()
+    return out
+
+
+# --- worker functions (run on every rank of a harness world) ------------------------------
+@contextlib.contextmanager
+def tied_pp_workaround(g, active: bool = True):
+    """Megatron-Core 0.16.1 reads the DP rank from parallel_state's globals, which megarlhf
+    never initialises, when it builds the sharded state of a tied output layer on the last
+    pipeline stage (LanguageModule.tie_embeddings_and_output_weights_state_dict): saving or
+    loading a tied-embedding model at PP > 1 fails. Until checkpoint/dist_ckpt.py passes the
+    role's DP rank itself, the workers patch it in (`test_tied_pp_checkpoint_bug` keeps
+    the bug visible)."""
+    if not active:
+        yield
+        return
+    with patch.object(parallel_state, "get_data_parallel_rank", lambda **_: g.dp_rank):
+        yield
+
+
+def forward(model, g, tokens: torch.Tensor):
+    """The model's output [B, T, V'] (LM, vocab gathered over TP) or [B, T, 1] on the last
+    pipeline stage; None on the others."""
+    b, t = tokens.shape
+    mb = {"tokens": tokens, "position_ids": torch.arange(t).expand(b, t).contiguous()}
+
+    def keep(output, mb):
+        out = output.detach()
+        if out.shape[-1] > 1 and g.layout.tp > 1:
+            shards = [torch.empty_like(out) for _ in range(g.layout.tp)]
+            dist.all_gather(shards, out.contiguous(), group=g.tp)
+            out = torch.cat(shards, dim=-1)
+        return output.sum() * 0, {"out": out}
+
+    model.eval()
+    stats = run_microbatches(model, g, [mb], keep, forward_only=True)
+    return stats[0]["out"] if stats else None
+
+
+def logits_diff(model, g, cfg: ModelConfig, reference: torch.Tensor):
+    logits = forward(model, g, TOKENS)
+    if logits is None:
+        return None
+    # The padded vocabulary rows are zero, so their logits are exactly 0.
+    assert logits.shape[-1] == cfg.padded_vocab_size and not logits[..., cfg.vocab_size :].any()
+    return (logits[..., : cfg.vocab_size] - reference).abs().max().item()
+
+
+def from_checkpoint_case(mg_dir, tp, pp, reference, workaround=True):
+    cfg = load_config(ModelConfig, Path(mg_dir) / "model_config.yaml")
+    g = groups(tp, pp)
+    reseed(11, g)
+    model = build_model(cfg, g, "lm")
+    with tied_pp_workaround(g, workaround):
+        load_model_weights(model, g, mg_dir, "actor")
+    return logits_diff(model, g, cfg, reference)
+
+
+def from_hf_case(hf_dir, save_dir, tp, pp, reference):
+    """The trainers' `init_from: hf:` path, then a weights-only save at this layout."""
+    cfg = model_config_from_hf(read_hf_config(hf_dir)).config
+    g = groups(tp, pp)
+    reseed(12, g)
+    model = build_model(cfg, g, "lm")
+    load_hf_weights(model, g, hf_dir, strict=True)
+    with tied_pp_workaround(g):
+        save_model_weights(model, g, save_dir, "actor", source=f"hf:{hf_dir}")
+    return logits_diff(model, g, cfg, reference)
+
+
+def reward_case(mg_dir, save_dir, tp, pp, steps=3):
+    """Bradley-Terry steps from the converted reward model, then scores at the last
+    non-pad token of the padded batch, and a weights-only save."""
+    cfg = load_config(ModelConfig, Path(mg_dir) / "model_config.yaml")
+    g = groups(tp, pp)
+    reseed(13, g)
+    model = build_model(cfg, g, "value")
+    load_model_weights(model, g, mg_dir, "reward")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    pairs = torch.randint(1, 250, (4, 16), generator=torch.Generator().manual_seed(1))  # 2 chosen, 2 rejected
+    mb = {"tokens": pairs, "position_ids": torch.arange(16).expand(4, 16).contiguous(),
+          "last_index": torch.tensor([15, 12, 15, 9])}  # fmt: skip
+
+    def bt_loss(output, mb):
+        scores = sequence_scores(output[..., 0].float(), mb["last_index"])
+        loss = -torch.nn.functional.logsigmoid(scores[:2] - scores[2:]).sum() / 2
+        return loss, {"loss": loss.detach()}
+
+    if steps:
+        engine = TrainEngine(model, g, OptimConfig(learning_rate=1e-2, lr_scheduler_type="constant"), steps)
+        for _ in range(steps):
+            engine.train_step([mb], bt_loss)
+    moved = max((p.detach() - before[n]).abs().max().item() for n, p in model.named_parameters())
+    tokens = TOKENS.clone()
+    tokens[1, LENGTHS[1] :] = PAD
+    values = forward(model, g, tokens)
+    save_model_weights(model, g, save_dir, "reward", step=steps)
+    if values is None:
+        return None
+    return {"scores": sequence_scores(values[..., 0], LENGTHS - 1), "moved": moved,
+            "bias": model.output_layer.bias.item()}  # fmt: skip
+
+
+# --- tests --------------------------------------------------------------------------------
+FAMILY_NAMES = ["llama", "qwen2", "mistral"]
+LAYOUTS_2 = [pytest.param(1, 1, id="tp1"), pytest.param(2, 1, id="tp2"), pytest.param(1, 2, id="pp2")]
+
+
+def _max(diffs) -> float:
+    return max(d for d in diffs if d is not None)
+
+
+@pytest.mark.parametrize("tp,pp", LAYOUTS_2)
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_converted_checkpoint_gives_transformers_logits(world2, hf_models, family, tp, pp):
+    _, mg_dir, reference = hf_models[family]
+    diff = _max(world2.run(from_checkpoint_case, str(mg_dir), tp, pp, reference))
+    print(f"{family} tp{tp} pp{pp}: max |logits - transformers| = {diff:.2e}")
+    assert diff <= ATOL
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_converted_checkpoint_tp2_pp2(world4, hf_models, family):
+    _, mg_dir, reference = hf_models[family]
+    diff = _max(world4.run(from_checkpoint_case, str(mg_dir), 2, 2, reference))
+    print(f"{family} tp2 pp2: max |logits - transformers| = {diff:.2e}")
+    assert diff <= ATOL
+
+
+def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    out = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(file, "pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out
+
+
+def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_hf_init_at_tp2_pp2_and_exact_round_trip(world4, hf_models, tmp_path, family):
+    """HF -> (each rank streams its slice) TP2xPP2 -> dist checkpoint -> HF: every tensor
+    equal, and transformers loads the result and gives the original logits."""
+    src, _, reference = hf_models[family]
+    diff = _max(world4.run(from_hf_case, str(src), str(tmp_path / "mg"), 2, 2, reference))
+    print(f"{family} hf:-init tp2 pp2: max |logits - transformers| = {diff:.2e}")
+    assert diff <= ATOL
+
+    tool("convert_megatron_to_hf.py", tmp_path / "mg", tmp_path / "back", "--hf-template", src)
+    assert_same_tensors(read_safetensors(src), read_safetensors(tmp_path / "back"))
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
+    assert type(loaded).__name__ == f"{family.capitalize()}ForCausalLM"
+    assert torch.equal(hf_output(loaded, TOKENS), reference)
+
+
+def test_round_trip_from_converter_output_keeps_shards_and_files(hf_models, tmp_path):
+    """The converter's own folder (model_config.yaml, hf/ template) exports unaided."""
+    src, mg_dir, reference = hf_models["llama"]
+    tool("convert_megatron_to_hf.py", mg_dir, tmp_path / "back", "--max-shard-size", "0.0002")
+    assert (tmp_path / "back" / "model.safetensors.index.json").is_file()
+    assert (tmp_path / "back" / "generation_config.json").is_file()
+    assert_same_tensors(read_safetensors(src), read_safetensors(tmp_path / "back"))
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
+    assert torch.equal(hf_output(loaded, TOKENS), reference)
+
+
+@pytest.mark.parametrize("tp,pp", [pytest.param(2, 1, id="tp2"), pytest.param(1, 2, id="pp2")])
+def test_trained_reward_model_scores_the_same_in_transformers(world2, hf_models, tmp_path, tp, pp):
+    src, mg_dir, hf_logits = hf_models["reward"]
+    # The converted (untrained) model first: megarlhf scores == transformers' scores.
+    results = [r for r in world2.run(reward_case, str(mg_dir), str(tmp_path / "rm0"), tp, pp, 0) if r]
+    assert (results[0]["scores"] - hf_logits[:, 0]).abs().max() <= ATOL
+
+    results = [r for r in world2.run(reward_case, str(mg_dir), str(tmp_path / "rm"), tp, pp) if r]
+    ours = results[0]
+    assert ours["moved"] > 1e-3  # it trained
+    # HF's score head has no bias. Bradley-Terry's gradient on ours is 0 in exact
+    # arithmetic, but float rounding in the pairwise cancellation, amplified by Adam, can
+    # move it a little (it does at TP2 here, not at PP2): then the export refuses, and
+    # --drop-score-bias exports the rest.
+    args = (tmp_path / "rm", tmp_path / "rm-hf", "--hf-template", src, "--pad-token-id", PAD)
+    if ours["bias"] != 0.0:
+        out = tool("convert_megatron_to_hf.py", *args, expect=2)
+        assert "output_layer.bias" in out.stderr and "--drop-score-bias" in out.stderr
+        args += ("--drop-score-bias",)
+    tool("convert_megatron_to_hf.py", *args)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm-hf").eval()
+    assert type(model).__name__ == "LlamaForSequenceClassification"
+    tokens = TOKENS.clone()
+    tokens[1, LENGTHS[1] :] = PAD
+    theirs = hf_output(model, tokens)[:, 0]
+    diff = (theirs + ours["bias"] - ours["scores"]).abs().max().item()
+    print(f"reward tp{tp} pp{pp}: max |score - (transformers + bias {ours['bias']:.2e})| = {diff:.2e}")
+    assert diff <= ATOL
+
+
+def test_shape_mismatch_and_unsupported_architecture_exit_2(hf_models, tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    src = hf_models["qwen2"][0]
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text((src / "config.json").read_text())
+    state = read_safetensors(src)
+    state["model.layers.1.mlp.up_proj.weight"] = state["model.layers.1.mlp.up_proj.weight"][:96].clone()
+    save_file(state, bad / "model.safetensors", metadata={"format": "pt"})
+    out = tool("convert_hf_to_megatron.py", bad, tmp_path / "out", expect=2)
+    assert "model.layers.1.mlp.up_proj.weight" in out.stderr and "(96, 64)" in out.stderr and "(128, 64)" in out.stderr
+
+    config = json.loads((src / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**config, "architectures": ["GPTNeoXForCausalLM"]}))
+    out = tool("convert_hf_to_megatron.py", bad, tmp_path / "out", expect=2)
+    assert "GPTNeoXForCausalLM" in out.stderr and "not supported" in out.stderr
+
+
+@pytest.mark.xfail(strict=True, reason="Megatron 0.16.1 tied output layer + PP>1 reads parallel_state's DP rank")
+def test_tied_pp_checkpoint_bug(world2, hf_models):
+    """Loading a tied-embedding (Qwen2) checkpoint at PP2 without the workaround. Remove
+    the xfail once checkpoint/dist_ckpt.py passes the DP rank (see tied_pp_workaround)."""
+    _, mg_dir, reference = hf_models["qwen2"]
+    world2.run(from_checkpoint_case, str(mg_dir), 1, 2, reference, False, timeout_s=60)
