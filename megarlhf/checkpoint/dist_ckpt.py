@@ -124,17 +124,24 @@ def save_checkpoint(
     if rank == 0:
         schedulers = {role: e.scheduler.state_dict() for role, e in engines.items()}
         torch.save({**trainer_state, "step": step, "schedulers": schedulers}, tmp / "trainer_state.pt")
+    _publish(root, tmp, final, keep)
+    return final
+
+
+def _publish(root: Path, tmp: Path, final: Path, keep: int | None) -> None:
+    """Collective: once every rank finished writing `tmp`, rank 0 renames it to `final`,
+    then points `latest` at it (each step atomic), then prunes to the newest `keep`."""
     dist.barrier()
-    if rank == 0:
+    if dist.get_rank() == 0:
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
         latest_tmp = root / "latest.tmp"
         latest_tmp.write_text(final.name + "\n")
         os.replace(latest_tmp, root / "latest")
-        _prune(root, keep)
+        if keep is not None:
+            _prune(root, keep)
     dist.barrier()
-    return final
 
 
 def _optim_metadata(engine) -> dict[str, Any]:
@@ -196,15 +203,7 @@ def save_model_weights(
     if rank == 0:
         torch.save({"step": step, "source": source}, tmp / "trainer_state.pt")
         (Path(run_dir) / "model_config.yaml").write_text(dump_yaml(model.megarlhf_config))
-    dist.barrier()
-    if rank == 0:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        latest_tmp = root / "latest.tmp"
-        latest_tmp.write_text(final.name + "\n")
-        os.replace(latest_tmp, root / "latest")
-    dist.barrier()
+    _publish(root, tmp, final, keep=None)
     return final
 
 
