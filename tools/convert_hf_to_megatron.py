@@ -57,15 +57,18 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     t0 = time.perf_counter()
     from megarlhf.checkpoint.dist_ckpt import save_model_weights
-    from megarlhf.checkpoint.hf import copy_hf_metadata, load_hf_weights, model_config_from_hf, model_overrides, read_hf_config  # fmt: skip
+    from megarlhf.checkpoint import hf as mapping
     from megarlhf.config import ConfigError
     from megarlhf.models.backbone import build_model
     from megarlhf.parallel import Layout, build_parallel_context, init_distributed, seed_all
 
     try:
         dtype = None if args.dtype == "auto" else args.dtype
-        hf = model_config_from_hf(read_hf_config(args.src), make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
-                                  params_dtype=dtype)  # fmt: skip
+        hf = mapping.model_config_from_hf(
+            mapping.read_hf_config(args.src),
+            make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+            params_dtype=dtype,
+        )
         role = args.role or ("reward" if hf.head == "value" else "actor")
         cfg = hf.config
         print(f"{args.src}: {hf.family} {'reward model' if hf.head == 'value' else 'causal LM'}, "
@@ -78,17 +81,17 @@ def main(argv=None) -> int:
         groups = build_parallel_context({role: Layout(1, 1)})[role]
         seed_all(0, groups)
         model = build_model(cfg, groups, hf.head)
-        load_hf_weights(model, groups, args.src, strict=True, progress=True)
+        mapping.load_hf_weights(model, groups, args.src, strict=True, progress=True)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"writing {args.out} ...", flush=True)
     path = save_model_weights(model, groups, args.out, role, source=f"hf:{args.src.resolve()}")
-    copied = copy_hf_metadata(args.src, args.out / "hf")
+    copied = mapping.copy_hf_metadata(args.src, args.out / "hf")
     rss, child = peak_rss_gib()
     print(f"wrote {path / role} and {args.out / 'model_config.yaml'}; copied {', '.join(copied)} to {args.out / 'hf'}")
     print(f"time {time.perf_counter() - t0:.1f} s, peak RSS {rss:.2f} GiB (largest child process {child:.2f} GiB)")
-    print(f"use: init_from={args.out} " + " ".join(model_overrides(cfg)))
+    print(f"use: init_from={args.out} " + " ".join(mapping.model_overrides(cfg)))
     return 0
 
 

@@ -47,15 +47,18 @@ def parse_args(argv=None):
     p.add_argument("checkpoint", type=Path, help="run dir, checkpoints/ folder or iter_NNNNNNN folder")
     p.add_argument("out", type=Path, help="output Hugging Face folder")
     p.add_argument("--role", help="model to export (default: the only one in the checkpoint)")
-    p.add_argument("--model-config", type=Path, metavar="FILE", help="YAML with the ModelConfig (default: found next to the checkpoint)")
-    p.add_argument("--hf-template", type=Path, metavar="DIR", help="HF folder whose config.json and tokenizer files to start from")
+    p.add_argument("--model-config", type=Path, metavar="FILE",
+                   help="YAML with the ModelConfig (default: found next to the checkpoint)")
+    p.add_argument("--hf-template", type=Path, metavar="DIR",
+                   help="HF folder whose config.json and tokenizer files to start from")
     p.add_argument("--family", choices=["auto", "llama", "mistral", "qwen2"], default="auto",
                    help="HF architecture family (default: from the template, else by q/k/v bias)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="dtype of the written tensors (default: the model's params_dtype)")
     p.add_argument("--max-shard-size", type=float, default=5.0, metavar="GB",
                    help="largest safetensors file in GB (default: 5)")
-    p.add_argument("--pad-token-id", type=int, metavar="ID", help="pad_token_id to write into config.json (reward models need one)")
+    p.add_argument("--pad-token-id", type=int, metavar="ID",
+                   help="pad_token_id to write into config.json (reward models need one)")
     p.add_argument("--drop-score-bias", action="store_true",
                    help="export a value head with a nonzero bias anyway (scores shift by -bias)")
     return p.parse_args(argv)  # fmt: skip
@@ -123,9 +126,12 @@ def main(argv=None) -> int:
         cfg = find_model_config(run_dir, args.model_config)
         role = pick_role(ckpt, args.role)
         head = "value" if role in VALUE_ROLES else "lm"
-        template = args.hf_template or next((d for d in (run_dir / "hf", run_dir / "hf_init" / "hf") if d.is_dir()), None)
+        found = [d for d in (run_dir / "hf", run_dir / "hf_init" / "hf") if d.is_dir()]
+        template = args.hf_template or (found[0] if found else None)
         base = read_hf_config(template) if template else None
-        family = args.family if args.family != "auto" else (base or {}).get("model_type") or ("qwen2" if cfg.add_qkv_bias else "llama")  # fmt: skip
+        family = args.family
+        if family == "auto":
+            family = (base or {}).get("model_type") or ("qwen2" if cfg.add_qkv_bias else "llama")
         dtype = cfg.params_dtype if args.dtype == "auto" else args.dtype
         config = hf_config(cfg, family, head, base=base, pad_token_id=args.pad_token_id, dtype=dtype)
         if init_distributed().world_size != 1:

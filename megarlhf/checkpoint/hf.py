@@ -91,7 +91,9 @@ def read_hf_config(path: str | Path) -> dict:
     return json.loads(file.read_text())
 
 
-def model_config_from_hf(hf: dict, *, make_vocab_size_divisible_by: int = 128, params_dtype: str | None = None) -> HFModel:
+def model_config_from_hf(
+    hf: dict, *, make_vocab_size_divisible_by: int = 128, params_dtype: str | None = None
+) -> HFModel:
     """config.json (as a dict) -> family, head and the megarlhf ModelConfig; or ConversionError."""
     archs = hf.get("architectures") or [f"{hf.get('model_type', '?').capitalize()}ForCausalLM"]
     if archs[0] not in ARCHITECTURES or hf.get("model_type") != ARCHITECTURES[archs[0]][0]:
@@ -270,7 +272,8 @@ def weight_plan(cfg: ModelConfig, head: Head) -> dict[str, Rule]:
         plan["output_layer.weight"] = Rule("copy", ("score.weight",))
         plan["output_layer.bias"] = Rule("zero", ())
     else:
-        plan["output_layer.weight"] = Rule("vocab", ("model.embed_tokens.weight" if cfg.tie_embeddings else "lm_head.weight",))  # fmt: skip
+        lm_head = "model.embed_tokens.weight" if cfg.tie_embeddings else "lm_head.weight"
+        plan["output_layer.weight"] = Rule("vocab", (lm_head,))
     return plan
 
 
@@ -391,7 +394,7 @@ def stream_full_state(path: str | Path, cfg: ModelConfig, head: Head, wanted: It
                         f"{src} in {file.name}: shape {tuple(t.shape)}, but config.json implies {hf_shape(src, cfg)}"
                     )
                 pending[src] = t
-                for name in users[src]:
+                for name in list(users[src]):  # (the loop removes names from this list)
                     rule = plan[name]
                     if all(s in pending for s in rule.hf):
                         yield name, to_megatron(rule, [pending[s] for s in rule.hf], cfg)

@@ -17,8 +17,8 @@ from megarlhf.parallel.weights import shard_tensor
 LLAMA = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64, "intermediate_size": 96,
     "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 2, "vocab_size": 250,
-    "max_position_embeddings": 128, "rms_norm_eps": 1e-5, "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0},
-    "tie_word_embeddings": False, "hidden_act": "silu", "dtype": "float32",
+    "max_position_embeddings": 128, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}, "hidden_act": "silu", "dtype": "float32",
 }  # fmt: skip
 
 
