@@ -24,6 +24,7 @@ setup(
         "tqdm",
         "psutil",  # megatron.core.dist_checkpointing
         "einops",  # megatron.core.hyper_comm_grid
+        "matplotlib",  # plots/*.png in run directories
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout", "transformers"],  # HF conversion is checked against transformers

@@ -16,11 +16,12 @@ from megarlhf import __version__
 def _add_quickstart(sub) -> None:
     p = sub.add_parser(
         "quickstart",
-        help="the whole pipeline on a tiny model: data, tokenizer, SFT, reward model",
+        help="the whole pipeline on a tiny model: data, tokenizer, SFT, reward model, PPO",
         description=(
             "Generates the synthetic sorting task, trains a sentencepiece tokenizer, then "
-            "SFT and a reward model (initialised from the SFT policy) on a tiny Llama-style "
-            "model, and prints a summary. Everything goes under --run-dir. Run it under "
+            "SFT, a reward model (initialised from the SFT policy) and PPO (actor and "
+            "reference from SFT, critic from the reward model) on a tiny Llama-style model, "
+            "and prints a summary. Everything goes under --run-dir. Run it under "
             "torchrun for more than one rank (data-parallel unless --tp/--pp say otherwise)."
         ),
     )
@@ -29,8 +30,12 @@ def _add_quickstart(sub) -> None:
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (default 1)")
     p.add_argument("--seed", type=int, default=0, help="data and weights seed (default 0)")
     p.add_argument("--resume", action="store_true", help="continue stages from their latest checkpoints")
-    p.add_argument("--sft-steps", type=int, default=200, help="SFT optimizer steps (default 200)")
+    p.add_argument(
+        "--sft-steps", type=int, default=40,
+        help="SFT optimizer steps (default 40: a policy that has the format but often sorts wrongly, so PPO has room)",
+    )  # fmt: skip
     p.add_argument("--rm-steps", type=int, default=250, help="reward-model optimizer steps (default 250)")
+    p.add_argument("--ppo-steps", type=int, default=40, help="PPO iterations (default 40)")
 
 
 def _add_selfcheck(sub) -> None:
@@ -53,6 +58,7 @@ def _add_selfcheck(sub) -> None:
 STAGES = {
     "sft": ("supervised fine-tuning of the policy", "SFTConfig", "megarlhf.trainers.sft", "SFTTrainer"),
     "rm": ("reward model (Bradley-Terry) training", "RMConfig", "megarlhf.trainers.rm", "RewardModelTrainer"),
+    "ppo": ("PPO with actor, critic, reference and reward", "PPOConfig", "megarlhf.trainers.ppo", "PPOTrainer"),
 }
 
 
@@ -128,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_quickstart(
                 args.run_dir, tp=args.tp, pp=args.pp, seed=args.seed, resume=args.resume,
-                sft_steps=args.sft_steps, rm_steps=args.rm_steps,
+                sft_steps=args.sft_steps, rm_steps=args.rm_steps, ppo_steps=args.ppo_steps,
             )  # fmt: skip
         if args.command == "selfcheck":
             from megarlhf.selfcheck import run_selfcheck

@@ -6,7 +6,8 @@ Layer: entry point (called by the CLI). Stages, each a real run directory under
             tokenizer trained on it
     sft/    supervised fine-tuning (examples/sft_tiny.yaml)
     rm/     reward model initialised from the SFT policy (examples/rm_tiny.yaml)
-PPO joins after the reward model once the PPO stage lands (issue 6).
+    ppo/    PPO: actor and reference from sft/, critic from rm/, reward = the reward
+            model's score + the task's rule (examples/ppo_tiny.yaml); plots/ppo.png
 The configs are the example YAMLs shipped with the repository, with paths pointed at
 --run-dir, so what the quick-start runs is exactly what a user would run by hand.
 """
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from megarlhf.config import RMConfig, SFTConfig, load_config
+from megarlhf.config import PPOConfig, RMConfig, SFTConfig, load_config
 from megarlhf.parallel import init_distributed
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -38,8 +39,10 @@ def _prepare_data(data_dir: Path, seed: int, is_main: bool) -> Path:
 
 
 def run_quickstart(
-    run_dir: str, tp: int = 1, pp: int = 1, seed: int = 0, resume: bool = False, sft_steps: int = 200, rm_steps: int = 250
-) -> int:
+    run_dir: str, tp: int = 1, pp: int = 1, seed: int = 0, resume: bool = False,
+    sft_steps: int = 40, rm_steps: int = 250, ppo_steps: int = 40,
+) -> int:  # fmt: skip
+    from megarlhf.trainers.ppo import PPOTrainer
     from megarlhf.trainers.rm import RewardModelTrainer
     from megarlhf.trainers.sft import SFTTrainer
 
@@ -74,14 +77,32 @@ def run_quickstart(
     rm = RewardModelTrainer(rm_cfg, resume="auto" if resume else None).fit()
     times["reward model"] = time.perf_counter() - t0
 
+    ppo_cfg = load_config(
+        PPOConfig, EXAMPLES / "ppo_tiny.yaml",
+        common + [f"data.train_file={data / 'prompts_train.jsonl'}", f"data.eval_file={data / 'prompts_test.jsonl'}",
+                  f"train.run_dir={root / 'ppo'}", f"sft_model_path={root / 'sft'}",
+                  f"reward_model_path={root / 'rm'}", f"train.max_steps={ppo_steps}"],
+    )  # fmt: skip
+    t0 = time.perf_counter()
+    ppo = PPOTrainer(ppo_cfg, resume="auto" if resume else None).fit()
+    times["PPO"] = time.perf_counter() - t0
+
     if is_main:
         sft_first = json.loads((root / "sft" / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+        before, after = ppo["eval_before"], ppo["eval"]
+
+        def change(key: str) -> str:
+            return f"{before[key]:.3f} -> {after[key]:.3f}" if key in before and key in after else "n/a"
+
         rows = [
             ("SFT train loss (first step -> last)", f"{sft_first:.3f} -> {sft['final']['loss']:.3f}"),
             ("SFT held-out loss", f"{sft['eval']['eval_loss']:.3f}"),
             ("RM held-out accuracy", f"{rm['eval']['eval_accuracy']:.3f}"),
             ("RM held-out reward chosen / rejected",
              f"{rm['eval']['eval_rewards_chosen']:.2f} / {rm['eval']['eval_rewards_rejected']:.2f}"),
+            ("PPO held-out task reward (SFT -> PPO)", change("eval/rule_score")),
+            ("PPO held-out RM score (SFT -> PPO)", change("eval/rm_score")),
+            ("PPO KL to the SFT policy (last iteration)", f"{ppo['final']['objective/kl']:.3f} nats"),
         ] + [(f"time: {k}", f"{v:.0f} s") for k, v in times.items()]  # fmt: skip
         rows.append(("time: total", f"{time.perf_counter() - t_start:.0f} s"))
         width = max(len(k) for k, _ in rows)
@@ -89,7 +110,7 @@ def run_quickstart(
         for k, v in rows:
             print(f"{k:<{width}}  {v}")
         print("=" * (width + 24))
-        print(f"Run directories: {root / 'sft'}, {root / 'rm'} (metrics.jsonl, checkpoints/, summary.json).")
-        print("PPO on top of these joins the quick-start when the PPO stage lands.")
+        print(f"Run directories: {root / 'sft'}, {root / 'rm'}, {root / 'ppo'} (metrics.jsonl, checkpoints/, summary.json).")
+        print(f"Reward and KL over PPO iterations: {root / 'ppo' / 'plots' / 'ppo.png'}")
     dist.barrier()
     return 0

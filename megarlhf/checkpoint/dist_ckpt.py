@@ -25,9 +25,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+import yaml
 from megatron.core import dist_checkpointing
 
-from megarlhf.config import dump_yaml
+from megarlhf.config import ConfigError, ModelConfig, dump_yaml
+from megarlhf.config.loader import build
 from megarlhf.parallel.layout import RoleGroups
 
 _ITER = re.compile(r"^iter_(\d{7})$")
@@ -56,6 +58,28 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise CheckpointError(
         f"no checkpoint at {p}: expected a run directory with checkpoints/latest, a checkpoints/ "
         f"folder with a 'latest' file, or an iter_NNNNNNN folder"
+    )
+
+
+def checkpoint_model_config(path: str | Path) -> ModelConfig:
+    """The ModelConfig a checkpoint's weights were trained with.
+
+    Read from the run directory that holds it: `model_config.yaml` (weights-only
+    checkpoints, e.g. converted from Hugging Face) or the `model:` section of the run's
+    `config.yaml`.
+    """
+    run_dir = resolve_checkpoint(path).parent.parent
+    for name, section in (("model_config.yaml", None), ("config.yaml", "model")):
+        f = run_dir / name
+        if f.is_file():
+            tree = yaml.safe_load(f.read_text()) or {}
+            tree = tree.get(section, {}) if section else tree
+            try:
+                return build(ModelConfig, tree, prefix=f"{f}: model.")
+            except ConfigError as err:
+                raise CheckpointError(f"cannot read the model shape of {path}: {err}") from None
+    raise CheckpointError(
+        f"no model_config.yaml or config.yaml in {run_dir}: cannot tell the shape of the model in {path}"
     )
 
 

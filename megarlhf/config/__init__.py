@@ -3,6 +3,7 @@
 from megarlhf.config.errors import ConfigError, DataError
 from megarlhf.config.loader import describe, dump_yaml, load_config
 from megarlhf.config.model import ModelConfig
+from megarlhf.config.ppo import GenerationConfig, PPOAlgoConfig, PPOConfig, RoleLayoutConfig
 from megarlhf.config.stages import RMConfig, SFTConfig
 from megarlhf.config.train import DataConfig, LayoutConfig, OptimConfig, RunConfig
 
@@ -10,10 +11,14 @@ __all__ = [
     "ConfigError",
     "DataConfig",
     "DataError",
+    "GenerationConfig",
     "LayoutConfig",
     "ModelConfig",
     "OptimConfig",
+    "PPOAlgoConfig",
+    "PPOConfig",
     "RMConfig",
+    "RoleLayoutConfig",
     "RunConfig",
     "SFTConfig",
     "describe",

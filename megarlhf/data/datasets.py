@@ -156,7 +156,8 @@ class PreferenceDataset(_TokenizedDataset):
 
 
 class PromptDataset(_TokenizedDataset):
-    """Items: `{"prompt_ids": LongTensor[P], "answer": any JSON or None, "meta": dict}`.
+    """Items: `{"prompt_ids": LongTensor[P], "prompt_text": str (the last user turn),
+    "answer": any JSON or None, "meta": dict}`.
 
     Prompts end with the assistant marker, so truncation "right" is refused: it would cut
     the marker off and ask the policy to continue the user's text.
@@ -174,6 +175,14 @@ class PromptDataset(_TokenizedDataset):
             ids = template.render_prompt(tokenizer, record.prompt)
             if _fit(ids, [0] * len(ids), max_length, truncation, "prompt") is None:  # mask unused: no cut
                 return None
-            return {"prompt_ids": torch.tensor(ids, dtype=torch.long), "answer": record.answer, "meta": record.meta}
+            text = record.prompt if isinstance(record.prompt, str) else next(
+                (m["content"] for m in reversed(record.prompt) if m["role"] == "user"), ""
+            )
+            return {
+                "prompt_ids": torch.tensor(ids, dtype=torch.long),
+                "prompt_text": text,  # the last user turn: what a rule-based reward reads
+                "answer": record.answer,
+                "meta": record.meta,
+            }
 
         super().__init__(path, parse_prompt, encode, on_error, progress)

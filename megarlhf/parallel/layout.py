@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 
 import torch.distributed as dist
 
-ROLES = ("actor", "critic", "reference", "reward")
+ROLES = ("actor", "critic", "reference", "reward", "rollout")
+"""The four models of PPO, plus the TP-only layout the generation engine runs in."""
 
 # Megatron-Core's default rank order (initialize_model_parallel(order="tp-cp-ep-dp-pp")):
 # TP fastest-varying, so TP groups sit on one node; PP slowest, so stages span nodes.

@@ -2,3 +2,8 @@
 
 Layer: rollout/ (below trainers/, above models/ and parallel/).
 """
+
+from megarlhf.rollout.engine import GenerationEngine, Rollouts
+from megarlhf.rollout.sampling import SamplingParams
+
+__all__ = ["GenerationEngine", "Rollouts", "SamplingParams"]

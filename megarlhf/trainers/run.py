@@ -4,6 +4,7 @@
     run_dir/metrics.jsonl    one JSON object per step (and per evaluation)
     run_dir/checkpoints/     iter_NNNNNNN/ + latest (see checkpoint/dist_ckpt.py)
     run_dir/logs/            rank-0 log of the printed lines
+    run_dir/plots/*.png      curves of chosen metrics over steps
     run_dir/summary.json     written at the end
 
 Only rank 0 writes; other ranks get a `RunDir` whose writes are no-ops.
@@ -76,6 +77,36 @@ class RunDir:
         if not self.is_main:
             return
         (self.path / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+    def plot(self, name: str, keys: list[str], title: str) -> Path | None:
+        """One panel per metric in `keys` (those present) over steps, from metrics.jsonl."""
+        if not self.is_main:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        self._metrics.flush()
+        rows = [json.loads(line) for line in (self.path / "metrics.jsonl").read_text().splitlines()]
+        series = {k: [(r["step"], r[k]) for r in rows if r.get(k) is not None] for k in keys}
+        series = {k: v for k, v in series.items() if v}
+        if not series:
+            return None
+        fig, axes = plt.subplots(1, len(series), figsize=(4.5 * len(series), 3.4), squeeze=False)
+        for ax, (key, points) in zip(axes[0], series.items()):
+            steps, values = zip(*points)
+            ax.plot(steps, values, marker="o" if len(points) < 20 else None, markersize=3)
+            ax.set_title(key)
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+        fig.suptitle(title)
+        fig.tight_layout()
+        out = self.path / name
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, dpi=100)
+        plt.close(fig)
+        return out
 
     def close(self) -> None:
         if not self.is_main:

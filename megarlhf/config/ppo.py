@@ -1,0 +1,192 @@
+"""The PPO stage's config: four roles, generation, and the algorithm's knobs. Layer: config/.
+
+Field names follow TRL's `PPOConfig` where one means the same thing (num_ppo_epochs,
+num_mini_batches, cliprange, cliprange_value, vf_coef, gamma, lam, kl_coef,
+kl_estimator, whiten_rewards, response_length, temperature, missing_eos_penalty,
+sft_model_path, reward_model_path); the adaptive controller keeps the names of TRL's
+older PPOConfig (adap_kl_ctrl, target, horizon).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from megarlhf.config.errors import ConfigError
+from megarlhf.config.model import ModelConfig
+from megarlhf.config.train import DataConfig, LayoutConfig, OptimConfig, RunConfig
+
+
+@dataclass
+class RoleLayoutConfig:
+    """TP/PP of a role other than the actor; 0 = the actor's value."""
+
+    tp: int = 0
+    """Tensor-parallel size (0 = the actor's)."""
+    pp: int = 0
+    """Pipeline-parallel size (0 = the actor's)."""
+
+    def __post_init__(self):
+        if self.tp < 0 or self.pp < 0:
+            raise ConfigError(f"role layout tp={self.tp} pp={self.pp}: must be >= 0 (0 = the actor's)")
+
+    def resolve(self, actor: LayoutConfig) -> tuple[int, int]:
+        return self.tp or actor.tp, self.pp or actor.pp
+
+
+@dataclass
+class GenerationConfig:
+    """How rollouts are sampled by the in-process engine."""
+
+    response_length: int = 32
+    """Most tokens generated per response (a response stops earlier at EOS)."""
+    temperature: float = 1.0
+    """Sampling temperature; PPO's log-probs use the same one."""
+    top_k: int = 0
+    """Sample among the k most likely tokens (0 = off)."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold (1 = off)."""
+    tp: int = 0
+    """Tensor-parallel size of the engine (0 = the actor's). The engine never uses PP: a
+    PP actor generates through a TP-only copy kept in sync by weight refit."""
+
+    def __post_init__(self):
+        if self.response_length < 1:
+            raise ConfigError(f"generation.response_length = {self.response_length}: must be >= 1")
+        if self.temperature <= 0:
+            raise ConfigError(
+                f"generation.temperature = {self.temperature}: PPO samples, so it must be > 0"
+            )
+
+
+@dataclass
+class PPOAlgoConfig:
+    """The PPO objective (Ouyang et al. 2022; Ziegler et al. 2019)."""
+
+    num_ppo_epochs: int = 4
+    """Passes over each rollout batch."""
+    num_mini_batches: int = 1
+    """Optimizer steps per pass (the rollout batch is split into this many minibatches)."""
+    cliprange: float = 0.2
+    """Policy ratio clip epsilon."""
+    cliprange_value: float = 0.2
+    """Value clip around the rollout's values."""
+    vf_coef: float = 0.1
+    """Weight of the value loss (the critic has its own optimizer; this scales its loss)."""
+    gamma: float = 1.0
+    """Discount factor."""
+    lam: float = 0.95
+    """GAE lambda."""
+    kl_coef: float = 0.05
+    """KL penalty beta (the initial value when adap_kl_ctrl)."""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    """Per-token KL estimator of the penalty (Schulman's k1, k2, k3)."""
+    adap_kl_ctrl: bool = True
+    """Adapt kl_coef towards `target` (Ziegler et al.); false = fixed kl_coef."""
+    target: float = 1.0
+    """Target KL per sequence (nats) of the adaptive controller."""
+    horizon: float = 10000.0
+    """Adaptive controller horizon in samples."""
+    entropy_coef: float = 0.0
+    """Entropy bonus weight."""
+    whiten_rewards: bool = False
+    """Whiten the shaped rewards before GAE."""
+    whiten_advantages: bool = True
+    """Whiten the advantages over the rollout batch (masked, global over DP)."""
+    normalize_reward: bool = False
+    """Divide scores by a running std (and subtract the running mean) before shaping."""
+    reward_clip: float = 0.0
+    """Clip scores to [-reward_clip, reward_clip] (0 = off)."""
+    missing_eos_penalty: float = 0.0
+    """Subtracted from the score of a response that hit response_length without EOS."""
+
+    def __post_init__(self):
+        if self.num_ppo_epochs < 1 or self.num_mini_batches < 1:
+            raise ConfigError("ppo.num_ppo_epochs and ppo.num_mini_batches must be >= 1")
+        if not 0 <= self.gamma <= 1 or not 0 <= self.lam <= 1:
+            raise ConfigError(f"ppo.gamma = {self.gamma}, ppo.lam = {self.lam}: must be in [0, 1]")
+        if self.cliprange <= 0 or self.cliprange_value <= 0:
+            raise ConfigError("ppo.cliprange and ppo.cliprange_value must be > 0")
+        if self.kl_coef < 0 or self.target <= 0 or self.horizon <= 0:
+            raise ConfigError("ppo.kl_coef must be >= 0, ppo.target and ppo.horizon > 0")
+
+
+@dataclass
+class PPOConfig:
+    """PPO with an actor, a critic, a frozen reference and a reward (model and/or rule).
+
+    One iteration: generate a response for each of `train.global_batch_size` prompts,
+    score, compute advantages, then `ppo.num_ppo_epochs` x `ppo.num_mini_batches`
+    optimizer steps of the actor and of the critic.
+    """
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The policy's shape (actor and reference)."""
+    layout: LayoutConfig = field(default_factory=LayoutConfig)
+    """The actor's TP/PP."""
+    critic_layout: RoleLayoutConfig = field(default_factory=RoleLayoutConfig)
+    """The critic's TP/PP (0 = the actor's)."""
+    reference_layout: RoleLayoutConfig = field(default_factory=RoleLayoutConfig)
+    """The frozen reference policy's TP/PP (0 = the actor's)."""
+    reward_layout: RoleLayoutConfig = field(default_factory=RoleLayoutConfig)
+    """The frozen reward model's TP/PP (0 = the actor's)."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """The actor's optimizer."""
+    critic_optim: OptimConfig = field(default_factory=OptimConfig)
+    """The critic's optimizer."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Tokenizer and prompt files ({"prompt": ...} JSONL); max_length bounds the prompt."""
+    train: RunConfig = field(default_factory=RunConfig)
+    """max_steps = PPO iterations; global_batch_size = prompts per iteration;
+    micro_batch_size = sequences per forward/backward."""
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    """Sampling of rollouts."""
+    ppo: PPOAlgoConfig = field(default_factory=PPOAlgoConfig)
+    """The objective."""
+    sft_model_path: str = ""
+    """Checkpoint of the SFT policy: the actor's and the reference's initial weights."""
+    reward_model_path: str = ""
+    """Checkpoint of a trained reward model ('' = none). Its shape comes from its run's
+    config; the critic starts from it too unless value_model_path is set."""
+    value_model_path: str = ""
+    """Checkpoint the critic starts from ('' = the reward model, or the SFT policy's body
+    with a fresh value head when there is no reward model)."""
+    reward_fn: str = ""
+    """Rule-based reward 'module:function' ('' = none), e.g.
+    megarlhf.data.synthetic:sort_reward_batch."""
+    reward_model_weight: float = 1.0
+    """Score = reward_model_weight * RM score + reward_fn_weight * rule score."""
+    reward_fn_weight: float = 1.0
+    """See reward_model_weight."""
+    eval_greedy: bool = False
+    """Decode held-out prompts (data.eval_file) greedily; default: sample at
+    generation.temperature, i.e. measure the expected reward PPO maximises."""
+
+    def __post_init__(self):
+        if not self.data.tokenizer or not self.data.train_file:
+            raise ConfigError("data.tokenizer and data.train_file (prompts) are required")
+        if not self.sft_model_path:
+            raise ConfigError("sft_model_path is required: the checkpoint of the SFT policy")
+        if not self.reward_model_path and not self.reward_fn:
+            raise ConfigError("no reward: set reward_model_path, reward_fn, or both")
+        total = self.data.max_length + self.generation.response_length
+        if total > self.model.max_seq_length:
+            raise ConfigError(
+                f"data.max_length + generation.response_length = {self.data.max_length} + "
+                f"{self.generation.response_length} = {total} exceeds model.max_seq_length = "
+                f"{self.model.max_seq_length}"
+            )
+        if self.train.global_batch_size % self.ppo.num_mini_batches:
+            raise ConfigError(
+                f"train.global_batch_size = {self.train.global_batch_size} does not split into "
+                f"ppo.num_mini_batches = {self.ppo.num_mini_batches} minibatches"
+            )
+
+    @property
+    def mini_batch_size(self) -> int:
+        return self.train.global_batch_size // self.ppo.num_mini_batches
+
+    @property
+    def optimizer_steps(self) -> int:
+        """Optimizer steps of each trainable role over the whole run (the LR schedule's length)."""
+        return self.train.max_steps * self.ppo.num_ppo_epochs * self.ppo.num_mini_batches
