@@ -35,7 +35,7 @@ def _add_quickstart(sub) -> None:
         help="SFT optimizer steps (default 40: a policy that has the format but often sorts wrongly, so PPO has room)",
     )  # fmt: skip
     p.add_argument("--rm-steps", type=int, default=250, help="reward-model optimizer steps (default 250)")
-    p.add_argument("--ppo-steps", type=int, default=40, help="PPO iterations (default 40)")
+    p.add_argument("--ppo-steps", type=int, default=50, help="PPO iterations (default 50)")
 
 
 def _add_selfcheck(sub) -> None:

@@ -158,6 +158,13 @@ class PPOConfig:
     """Score = reward_model_weight * RM score + reward_fn_weight * rule score."""
     reward_fn_weight: float = 1.0
     """See reward_model_weight."""
+    offload_optimizer: bool = False
+    """GPU only: move the actor's and critic's optimizer states and gradient buffers to
+    CPU while generating and scoring (Megatron-Core's offload_to_cpu and
+    offload_grad_buffers), back before training. Ignored without CUDA."""
+    offload_frozen: bool = False
+    """GPU only: keep the reference and reward models' weights on CPU except while they
+    score. Ignored without CUDA."""
     eval_greedy: bool = False
     """Decode held-out prompts (data.eval_file) greedily; default: sample at
     generation.temperature, i.e. measure the expected reward PPO maximises."""

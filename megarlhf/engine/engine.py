@@ -113,6 +113,16 @@ class TrainEngine:
         stats["update_applied"] = float(bool(applied))
         return stats
 
+    def offload(self) -> None:
+        """GPU: optimizer states and gradient buffers to CPU (between training phases)."""
+        self.optimizer.offload_to_cpu()
+        self.model.offload_grad_buffers()
+
+    def onload(self) -> None:
+        """Undo `offload` before the next train_step."""
+        self.model.restore_grad_buffers()
+        self.optimizer.restore_from_cpu()
+
     @torch.no_grad()
     def forward(self, microbatches: Sequence[Batch], loss_fn: LossFn) -> dict[str, float]:
         """Forward-only pass (eval mode); summed stats on every rank."""

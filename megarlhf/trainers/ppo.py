@@ -143,6 +143,15 @@ class PPOTrainer:
             self.run.truncate_metrics(self.step)
             self.run.say(f"resumed from {resume_from} at iteration {self.step}")
         self.refit.refit()
+        if (cfg.offload_optimizer or cfg.offload_frozen) and not torch.cuda.is_available():
+            self.run.say("offload_optimizer / offload_frozen ignored: no CUDA device")
+        self.offload_optimizer = cfg.offload_optimizer and torch.cuda.is_available()
+        self.offload_frozen = cfg.offload_frozen and torch.cuda.is_available()
+        for model in self.frozen_models():
+            self._place(model, on_device=not self.offload_frozen)
+        if self.offload_optimizer:
+            self.actor.offload()
+            self.critic.offload()
 
     # --- set-up -------------------------------------------------------------------------
     def _check_batch_sizes(self) -> int:
@@ -203,6 +212,26 @@ class PPOTrainer:
         )  # fmt: skip
         self.device = next(actor.parameters()).device
 
+    def frozen_models(self) -> list[torch.nn.Module]:
+        return [m for m in (self.reference, self.reward) if m is not None]
+
+    def _place(self, model: torch.nn.Module, on_device: bool) -> None:
+        """Frozen weights to the GPU (to score) or to CPU (otherwise) under offload_frozen."""
+        model.to(self.device if on_device else "cpu")
+
+    @contextmanager
+    def _frozen_on_device(self):
+        if self.offload_frozen:
+            for model in self.frozen_models():
+                self._place(model, on_device=True)
+        try:
+            yield
+        finally:
+            if self.offload_frozen:
+                for model in self.frozen_models():
+                    self._place(model, on_device=False)
+                torch.cuda.empty_cache()
+
     def _check_vocab(self, model_cfg: ModelConfig, what: str) -> None:
         if self.vocab_size > model_cfg.vocab_size:
             raise ConfigError(
@@ -237,9 +266,14 @@ class PPOTrainer:
         with timer("refit"):
             self.refit.refit()
         seconds = time.perf_counter() - t_start
+        generated = float(batch["mask"].sum())
+        # Non-pad tokens trained on: every sequence, once per PPO epoch (actor and critic).
+        trained = float(batch["lengths"].sum()) * cfg.ppo.num_ppo_epochs
         metrics.update({
-            "throughput/generated_tokens_per_second": float(batch["mask"].sum()) / timer.seconds["generate"],
-            "throughput/tokens_per_second": float(batch["lengths"].sum()) / seconds,
+            "tokens/generated": generated,
+            "tokens/trained": trained,
+            "throughput/generated_tokens_per_second": generated / timer.seconds["generate"],
+            "throughput/tokens_per_second": (generated + trained) / seconds,
             "time/iteration": seconds,
             **{f"time/{k}": v for k, v in timer.seconds.items()},
             "time/refit_engine": self.refit.last_seconds,
@@ -251,7 +285,7 @@ class PPOTrainer:
         ppo = self.cfg.ppo
         timer = timer or PhaseTimer()
         mask = batch["mask"]
-        with timer("score"):
+        with timer("score"), self._frozen_on_device():
             raw_scores, score_parts = self.score(batch, items)
             ref_logprobs, _ = self.policy_logprobs(self.reference, self.ctx["reference"], batch)
             old_logprobs, entropy = self.policy_logprobs(self.actor.model, self.ctx["actor"], batch)
@@ -268,7 +302,13 @@ class PPOTrainer:
                 advantages = masked_whiten(advantages, mask)
 
         with timer("train"):
+            if self.offload_optimizer:
+                self.actor.onload()
+                self.critic.onload()
             train_stats = self.train_on(batch, old_logprobs, old_values, advantages, returns)
+            if self.offload_optimizer:
+                self.actor.offload()
+                self.critic.offload()
 
         seq_kl = kl.sum(1).mean().item()
         kl_coef = self.kl_ctl.value
@@ -498,13 +538,17 @@ class PPOTrainer:
         real = len(items)
         items += [items[-1]] * (-real % self.row_multiple)  # whole microbatches everywhere
         batch = self.generate(items, sampling, salt=-1)
-        total, parts = self.score(batch, items)
+        with self._frozen_on_device():
+            total, parts = self.score(batch, items)
         out = {"eval/score": total[:real].mean().item()}
         out.update({f"eval/{k}": v[:real].mean().item() for k, v in parts.items()})
         out["eval/response_length"] = batch["response_lengths"][:real].float().mean().item()
         return out
 
     def save(self) -> None:
+        if self.offload_optimizer:  # checkpoints are written from the device
+            self.actor.onload()
+            self.critic.onload()
         path = save_checkpoint(
             self.cfg.train.run_dir,
             self.step,
@@ -517,6 +561,9 @@ class PPOTrainer:
             },
             keep=self.cfg.train.save_total_limit,
         )
+        if self.offload_optimizer:
+            self.actor.offload()
+            self.critic.offload()
         self.run.say(f"saved checkpoint {path}")
 
     postfix_keys = ("objective/scores", "objective/kl")

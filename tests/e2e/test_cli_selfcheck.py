@@ -59,11 +59,16 @@ def test_bench_forward_backward_prints_its_figures(tmp_path):
 
 
 def test_quickstart_pipeline_on_two_ranks(tmp_path):
-    """The README's first command, shortened: data -> tokenizer -> SFT -> RM on DP2."""
-    out = torchrun(2, "-m", "megarlhf", "quickstart", "--run-dir", str(tmp_path), "--sft-steps", "30", "--rm-steps", "10")
+    """The README's first command, shortened: data -> tokenizer -> SFT -> RM -> PPO on DP2."""
+    out = torchrun(
+        2, "-m", "megarlhf", "quickstart", "--run-dir", str(tmp_path),
+        "--sft-steps", "30", "--rm-steps", "10", "--ppo-steps", "2",
+    )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     assert "RM held-out accuracy" in out.stdout
-    for stage in ("sft", "rm"):
+    assert re.search(r"PPO held-out task reward \(SFT -> PPO\)\s+[0-9.]+ -> [0-9.]+", out.stdout), out.stdout[-2000:]
+    assert (tmp_path / "ppo" / "plots" / "ppo.png").is_file()
+    for stage in ("sft", "rm", "ppo"):
         assert (tmp_path / stage / "summary.json").is_file()
         assert (tmp_path / stage / "checkpoints" / "latest").is_file()
     first, last = re.search(r"SFT train loss \(first step -> last\)\s+([0-9.]+) -> ([0-9.]+)", out.stdout).groups()

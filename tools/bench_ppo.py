@@ -1,0 +1,371 @@
+#!/usr/bin/env python
+"""PPO iteration throughput: megarlhf vs Hugging Face TRL's PPOTrainer on this machine.
+
+    python tools/bench_ppo.py                                   # 10 iterations per side, first 2 skipped
+    python tools/bench_ppo.py --iterations 4 --warmup 1 --json out.json
+    python tools/bench_ppo.py --skip-trl --set train.global_batch_size=32
+
+Same models, prompts and PPO settings on both sides: the tiny Llama of
+examples/ppo_tiny.yaml (the policy of examples/sft_tiny.yaml, the reward model of
+examples/rm_tiny.yaml), the synthetic sorting task, one process, float32, --threads
+threads. Steps:
+  1. build the task's data and sentencepiece tokenizer in <data-dir> (kept when present);
+  2. train a short SFT policy (--sft-steps) and a reward model from it (--rm-steps) with
+     the example configs, unless --sft/--rm name runs (kept in <work-dir> when present);
+  3. run `python -m megarlhf ppo --config examples/ppo_tiny.yaml` for --iterations with
+     the reward model as the only reward (reward_fn= reward_model_weight=1: TRL's PPO has
+     no rule rewards), no evaluation, a checkpoint only after the last iteration; read
+     each iteration's figures from its metrics.jsonl; peak RSS = ru_maxrss of that child
+     from os.wait4;
+  4. export SFT and RM to Hugging Face folders (tools/convert_megatron_to_hf.py), write
+     megarlhf's tokenization of the prompts as JSONL, run tools/trl_ppo_baseline.py with
+     --trl-python (a virtualenv with trl==1.12.0, the last release with PPOTrainer; it
+     never imports megarlhf) on the same settings; its peak RSS is its own ru_maxrss
+     (the same figure os.wait4 gives, kept in the JSON as peak_rss_mib_wait4);
+  5. print a table and write --json if asked.
+
+Definitions (megarlhf's metrics.jsonl, reproduced by the TRL side):
+  generated tokens = response tokens up to and including EOS (megarlhf's response mask);
+  trained tokens   = non-pad prompt + response tokens x ppo.num_ppo_epochs;
+  tokens/s         = (generated + trained) / iteration seconds
+                     (megarlhf's `throughput/tokens_per_second`).
+Reported: the median of per-iteration rates, and total tokens / total time of the timed
+iterations (the first --warmup of each side are skipped). megarlhf's clock is its
+`time/iteration` (sampling the prompts .. refit); TRL's runs from one on_step_end to the
+next, so it also holds TRL's per-update gc.collect() and metric gathering; megarlhf's
+clock including its loop (the gaps between metrics.jsonl rows) is shown too.
+
+Settings mapped onto TRL 1.12's PPOConfig (one process, so batch_size = local_batch_size):
+  per_device_train_batch_size = train.micro_batch_size
+  gradient_accumulation_steps = train.global_batch_size / micro_batch_size
+      -> batch_size = global_batch_size prompts per iteration
+  num_mini_batches, num_ppo_epochs, cliprange, cliprange_value, vf_coef, gamma, lam,
+  kl_coef, kl_estimator, whiten_rewards, missing_eos_penalty = ppo.* (same names)
+  response_length, temperature = generation.*; stop_token = "eos"
+  local_rollout_forward_batch_size = global_batch_size: TRL then generates all prompts in
+      one batch as megarlhf's engine does (its scoring forwards then take 64 rows at a
+      time, megarlhf's micro_batch_size rows)
+  total_episodes = iterations x global_batch_size; learning_rate = optim.learning_rate,
+  constant; weight_decay = optim.weight_decay; gradient_checkpointing, bf16 off.
+megarlhf is given ppo.adap_kl_ctrl=false (TRL 1.12 has a fixed kl_coef only) and, by
+default, ppo.num_mini_batches=1 (--num-mini-batches): TRL steps its optimizer once per
+gradient_accumulation_steps microbatches, and batch_size = micro x accumulation, so it
+takes exactly one optimizer step per PPO epoch whatever num_mini_batches is (a
+minibatch's gradient then accumulates into the next), while megarlhf steps once per
+minibatch. At 1 both take one step per epoch per trainable model (the table counts
+optimizer steps: megarlhf's actor + critic from its config, TRL's one optimizer by a hook).
+
+Differences left in (each side's own behaviour):
+  - sampling order and random streams: each side draws its own prompts (TRL's shuffled
+    DataLoader, megarlhf's sampler) and samples its own responses, so response lengths,
+    and hence tokens per iteration, differ; tokens/s divides that out, seconds/iteration
+    does not. KL and learning dynamics drift apart over iterations for the same reason.
+  - generation: HF generate left-pads the prompts and decodes response_length steps at
+    most (stopping when every row has EOS); megarlhf's engine right-pads, prefills to the
+    shortest prompt and then steps one position at a time (longer prompts are fed their
+    own tokens), so it takes up to (longest - shortest prompt) more decode steps.
+    TRL samples over the model's 32 logits, megarlhf over the tokenizer's 31 pieces.
+  - TRL takes the rollout log-probs from generate's scores; megarlhf recomputes them with
+    one more forward pass of the actor (and its entropies).
+  - TRL trains policy and value with one AdamW (optim.learning_rate for both), no
+    gradient clipping; megarlhf has an optimizer per role (critic_optim's lr), clips at
+    max_grad_norm, and runs actor and critic steps one after the other.
+  - TRL scores and trains on every column of its left-padded batch (longest prompt +
+    longest response; pads are masked out of attention but still computed); megarlhf
+    to its longest sequence rounded up to a multiple of 8 (41 -> 48 columns here).
+  - the value head's bias: megarlhf's is a parameter; HF's score has none, so it is
+    handed to TRL (--score-bias) as a biased score layer when nonzero.
+On a 2-core machine any other load makes 2-thread figures meaningless (a warning is
+printed): run it idle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_vs_trl import check_idle, prepare_data, run_logged  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+PPO_YAML, SFT_YAML, RM_YAML = "examples/ppo_tiny.yaml", "examples/sft_tiny.yaml", "examples/rm_tiny.yaml"
+PHASES = ("generate", "score", "advantages", "train", "refit")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--iterations", type=int, default=10, help="PPO iterations per side (default 10)")
+    p.add_argument("--warmup", type=int, default=2, help="first iterations left out of the figures (default 2)")
+    p.add_argument("--work-dir", default="runs/bench_ppo", help="runs, logs, HF exports and TRL's JSONL go here")
+    p.add_argument("--data-dir", default=None, help="task data + sp.model; default <work-dir>/data, built if missing")
+    p.add_argument("--sft", default=None, help="megarlhf SFT run to start from (default: <work-dir>/sft, trained if missing)")
+    p.add_argument("--rm", default=None, help="megarlhf reward-model run (default: <work-dir>/rm, trained if missing)")
+    p.add_argument("--sft-steps", type=int, default=40, help="SFT steps when training one (default 40)")
+    p.add_argument("--rm-steps", type=int, default=100, help="reward-model steps when training one (default 100)")
+    p.add_argument("--num-mini-batches", type=int, default=1,
+                   help="ppo.num_mini_batches on both sides (default 1: see 'Settings mapped' above)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="further override of examples/ppo_tiny.yaml (repeatable); the TRL side follows "
+                        "the mapped fields")
+    p.add_argument("--trl-python", default="/tmp/trlppo/bin/python", help="python of a virtualenv with trl==1.12.0")
+    p.add_argument("--skip-trl", action="store_true", help="run only megarlhf")
+    p.add_argument("--threads", type=int, default=2, help="torch threads on both sides (OMP_NUM_THREADS)")
+    p.add_argument("--json", default=None, help="also write settings and figures to this file")
+    args = p.parse_args(argv)  # fmt: skip
+    if args.iterations <= args.warmup:
+        p.error(f"--iterations {args.iterations} must exceed --warmup {args.warmup}")
+    return args
+
+
+def run_measured(cmd: list[str], log: Path, env: dict) -> float:
+    """Run `cmd` in the repo root, stdout and stderr to `log`; returns the child's peak RSS
+    in MiB (ru_maxrss from os.wait4: that process and the children it waited for)."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        tail = "".join(log.read_text().splitlines(keepends=True)[-20:])
+        sys.exit(f"error: {' '.join(cmd[:4])} ... exited {proc.returncode}; last lines of {log}:\n{tail}")
+    return usage.ru_maxrss / 1024  # KiB on Linux
+
+
+def train_policy_and_rm(args, work: Path, data_dir: Path, tokenizer: Path, env: dict) -> tuple[Path, Path]:
+    """The SFT and reward-model runs PPO starts from: given, kept from an earlier run, or trained."""
+    sft = Path(args.sft).resolve() if args.sft else work / "sft"
+    rm = Path(args.rm).resolve() if args.rm else work / "rm"
+    common = [f"data.tokenizer={tokenizer}", "data.eval_file=", "train.eval_steps=0", "train.save_steps=0"]
+    for stage, run, yaml, train_file, steps, extra in (
+        ("sft", sft, SFT_YAML, "sft.jsonl", args.sft_steps, []),
+        ("rm", rm, RM_YAML, "prefs_train.jsonl", args.rm_steps, [f"init_from={sft}"]),
+    ):
+        if getattr(args, stage) or (run / "checkpoints" / "latest").is_file():
+            print(f"[setup] {stage}: {run}", flush=True)
+            continue
+        print(f"[setup] training {stage}: {steps} steps -> {run}", flush=True)
+        cmd = [sys.executable, "-m", "megarlhf", stage, "--config", yaml, *common, *extra,
+               f"data.train_file={data_dir / train_file}", f"train.run_dir={run}", f"train.max_steps={steps}"]  # fmt: skip
+        run_logged(cmd, work / f"train_{stage}.log", env)
+    return sft, rm
+
+
+def ppo_config(args, work: Path, data_dir: Path, tokenizer: Path, sft: Path, rm: Path):
+    """The PPOConfig both sides run, and its command-line overrides."""
+    from megarlhf.config import PPOConfig, load_config
+
+    overrides = [
+        f"data.tokenizer={tokenizer}", f"data.train_file={data_dir / 'prompts_train.jsonl'}", "data.eval_file=",
+        f"sft_model_path={sft}", f"reward_model_path={rm}", "reward_fn=", "reward_model_weight=1",
+        "value_model_path=",
+        f"train.run_dir={work / 'megarlhf_ppo'}", f"train.max_steps={args.iterations}", "train.eval_steps=0",
+        "train.save_steps=0", "ppo.adap_kl_ctrl=false", f"ppo.num_mini_batches={args.num_mini_batches}",
+        *args.overrides,
+    ]  # fmt: skip
+    cfg = load_config(PPOConfig, REPO / PPO_YAML, overrides)
+    ppo, gen = cfg.ppo, cfg.generation
+    unmapped = [
+        (cfg.model.arch != "llama" or cfg.model.add_qkv_bias, "model.arch=llama without q/k/v bias"),
+        (cfg.layout.tp * cfg.layout.pp != 1 or cfg.model.recompute != "none", "layout.tp=pp=1, model.recompute=none"),
+        (gen.top_k != 0 or gen.top_p != 1.0, "generation.top_k=0, top_p=1 (TRL samples the full distribution)"),
+        (ppo.adap_kl_ctrl or ppo.kl_estimator == "k2", "ppo.adap_kl_ctrl=false, kl_estimator k1 or k3"),
+        (ppo.entropy_coef != 0 or not ppo.whiten_advantages or ppo.normalize_reward or ppo.reward_clip != 0,
+         "ppo.entropy_coef=0, whiten_advantages=true, normalize_reward=false, reward_clip=0"),
+        (cfg.reward_model_weight != 1.0, "reward_model_weight=1"),
+    ]  # fmt: skip
+    bad = [need for wrong, need in unmapped if wrong]
+    if bad:
+        sys.exit("error: TRL 1.12's PPOTrainer has no equivalent of these settings; need " + "; ".join(bad))
+    return cfg, overrides
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return sorted((r for r in rows if "time/iteration" in r), key=lambda r: r["step"])
+
+
+def summarize_megarlhf(rows: list[dict], warmup: int) -> dict:
+    per = [
+        {"seconds": r["time/iteration"], "generated": r["tokens/generated"], "trained": r["tokens/trained"],
+         "tokens": r["tokens/generated"] + r["tokens/trained"], "response_length": r["response_length"],
+         "loop_seconds": r["time"] - prev["time"] if prev else None,
+         **{p: r.get(f"time/{p}", 0.0) for p in PHASES}}
+        for prev, r in zip([None, *rows[:-1]], rows)
+    ]  # fmt: skip
+    timed = per[warmup:]
+    n, tokens, seconds = len(timed), sum(r["tokens"] for r in timed), sum(r["seconds"] for r in timed)
+    loop = [r["loop_seconds"] for r in timed if r["loop_seconds"] is not None]
+    return {
+        "iterations": len(per), "timed_iterations": n, "tokens": tokens, "seconds": seconds,
+        "seconds_per_iteration": seconds / n,
+        "median_seconds_per_iteration": statistics.median(r["seconds"] for r in timed),
+        "loop_seconds_per_iteration": sum(loop) / len(loop) if loop else None,
+        "generated_per_iteration": sum(r["generated"] for r in timed) / n,
+        "trained_per_iteration": sum(r["trained"] for r in timed) / n,
+        "median_tokens_per_second": statistics.median(r["tokens"] / r["seconds"] for r in timed),
+        "total_tokens_per_second": tokens / seconds,
+        "phase_seconds": {p: sum(r[p] for r in timed) / n for p in PHASES},
+        "per_iteration": per,
+    }  # fmt: skip
+
+
+def run_megarlhf(cfg, overrides: list[str], work: Path, env: dict, warmup: int) -> dict:
+    run_dir = Path(cfg.train.run_dir)
+    if run_dir.exists():  # a fresh run: no resume, metrics.jsonl from this run only
+        shutil.rmtree(run_dir)
+    cmd = [sys.executable, "-m", "megarlhf", "ppo", "--config", PPO_YAML, *overrides]
+    rss = run_measured(cmd, work / "megarlhf_ppo.log", env)
+    out = summarize_megarlhf(read_metrics(run_dir), warmup)
+    # One optimizer step per minibatch and epoch, for the actor and for the critic.
+    out.update(peak_rss_mib=rss, optimizer_steps_per_iteration=2 * cfg.ppo.num_ppo_epochs * cfg.ppo.num_mini_batches,
+               parameters={"policy": cfg.model.num_parameters("lm")})  # fmt: skip
+    return out
+
+
+def export_hf(run: Path, out: Path, pad_id: int, log: Path, env: dict) -> float:
+    """megarlhf checkpoint -> HF folder; returns the value head's bias (0 for a policy)."""
+    cmd = [sys.executable, "tools/convert_megatron_to_hf.py", str(run), str(out), "--pad-token-id", str(pad_id)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    if proc.returncode == 2 and "bias" in proc.stderr:
+        # A nonzero value-head bias: export without it, and hand it to TRL's score layers
+        # (the converter prints it to 6 significant digits, plenty for a speed comparison).
+        proc = subprocess.run([*cmd, "--drop-score-bias"], cwd=REPO, env=env, capture_output=True, text=True)
+    log.write_text(proc.stdout + proc.stderr)
+    if proc.returncode:
+        sys.exit(f"error: exporting {run} to {out} exited {proc.returncode}; see {log}:\n{proc.stderr[-2000:]}")
+    found = re.search(r"dropping value-head bias (\S+)", proc.stdout)
+    return float(found.group(1)) if found else 0.0
+
+
+def write_prompts(cfg, out: Path) -> int:
+    """megarlhf's tokenization of the prompts (its chat template), as TRL's input_ids rows."""
+    from megarlhf.data import ChatTemplate, PromptDataset, load_tokenizer
+
+    d = cfg.data
+    data = PromptDataset(d.train_file, load_tokenizer(d.tokenizer), ChatTemplate(), d.max_length,
+                         truncation=d.truncation, on_error=d.on_error)  # fmt: skip
+    with open(out, "w", encoding="utf-8") as f:
+        for it in data:
+            f.write(json.dumps({"input_ids": it["prompt_ids"].tolist()}) + "\n")
+    return len(data)
+
+
+def run_trl(cfg, sft: Path, rm: Path, args, work: Path, env: dict) -> dict:
+    from megarlhf.data import load_tokenizer
+
+    tok = load_tokenizer(cfg.data.tokenizer)
+    hf = work / "hf"
+    export_hf(sft, hf / "sft", tok.pad_id, work / "export_sft.log", env)
+    bias = export_hf(rm, hf / "rm", tok.pad_id, work / "export_rm.log", env)
+    prompts = work / "trl_prompts.jsonl"
+    rows = write_prompts(cfg, prompts)
+    ppo, gen, train = cfg.ppo, cfg.generation, cfg.train
+    cmd = [
+        args.trl_python, str(REPO / "tools" / "trl_ppo_baseline.py"),
+        "--policy", hf / "sft", "--reward", hf / "rm", "--score-bias", repr(bias), "--prompts", prompts,
+        "--iterations", args.iterations, "--warmup", args.warmup,
+        "--batch-size", train.global_batch_size, "--micro-batch-size", train.micro_batch_size,
+        "--rollout-batch-size", train.global_batch_size,
+        "--num-mini-batches", ppo.num_mini_batches, "--num-ppo-epochs", ppo.num_ppo_epochs,
+        "--response-length", gen.response_length, "--temperature", gen.temperature,
+        "--kl-coef", ppo.kl_coef, "--kl-estimator", ppo.kl_estimator, "--cliprange", ppo.cliprange,
+        "--cliprange-value", ppo.cliprange_value, "--vf-coef", ppo.vf_coef, "--gamma", ppo.gamma, "--lam", ppo.lam,
+        *(["--whiten-rewards"] if ppo.whiten_rewards else []),
+        *(["--missing-eos-penalty", ppo.missing_eos_penalty] if ppo.missing_eos_penalty else []),
+        "--lr", cfg.optim.learning_rate, "--weight-decay", cfg.optim.weight_decay,
+        "--pad-id", tok.pad_id, "--eos-id", tok.eos_id, "--vocab", cfg.model.vocab_size,
+        "--threads", args.threads, "--seed", train.seed,
+    ]  # fmt: skip
+    log = work / "trl_ppo.log"
+    rss = run_measured([str(c) for c in cmd], log, env)
+    r = json.loads(log.read_text().strip().splitlines()[-1])
+    r.update(peak_rss_mib_wait4=rss, prompts=rows, score_bias=bias)
+    return r
+
+
+def pct(part: float, whole: float) -> str:
+    return f"{100 * part / whole:.0f}%"
+
+
+def print_table(ours: dict, trl: dict | None, cfg, args) -> None:
+    rows = [
+        ("seconds / iteration (mean)", "seconds_per_iteration", "{:.2f}"),
+        ("seconds / iteration (median)", "median_seconds_per_iteration", "{:.2f}"),
+        ("generated tokens / iteration", "generated_per_iteration", "{:.0f}"),
+        ("trained tokens / iteration", "trained_per_iteration", "{:.0f}"),
+        ("tokens/s (median of iterations)", "median_tokens_per_second", "{:.0f}"),
+        ("tokens/s (total / time)", "total_tokens_per_second", "{:.0f}"),
+        ("peak RSS (MiB)", "peak_rss_mib", "{:.0f}"),
+        ("optimizer steps / iteration", "optimizer_steps_per_iteration", "{:.0f}"),
+    ]
+    head = f"{'figure':<34}{'megarlhf':>10}" + (f"{'TRL':>10}{'megarlhf/TRL':>14}" if trl else "")
+    print("\n" + head + "\n" + "-" * len(head))
+    for label, key, fmt in rows:
+        line = f"{label:<34}{fmt.format(ours[key]):>10}"
+        if trl:
+            line += f"{fmt.format(trl[key]):>10}{ours[key] / trl[key]:>13.2f}x"
+        print(line)
+    ph, it = ours["phase_seconds"], ours["seconds_per_iteration"]
+    print("\nmegarlhf per phase (% of time/iteration): " + ", ".join(f"{p} {pct(ph[p], it)}" for p in PHASES)
+          + f"; seconds/iteration incl. the loop: {ours['loop_seconds_per_iteration'] or float('nan'):.2f}")  # fmt: skip
+    print(f"megarlhf generation: {ours['generated_per_iteration'] / ph['generate']:.0f} generated tokens/s")
+    if trl:
+        tp, tit = trl["phase_seconds"], trl["seconds_per_iteration"]
+        print("TRL per phase (% of iteration): " + ", ".join(f"{p} {pct(tp[p], tit)}" for p in ("generate", "score", "train"))
+              + " (score holds shaping/GAE/whitening)")  # fmt: skip
+        print(f"TRL generation: {trl['generated_per_iteration'] / tp['generate']:.0f} generated tokens/s; "
+              f"parameters policy {trl['parameters']['policy']:,} (megarlhf {ours['parameters']['policy']:,})")  # fmt: skip
+    t, m = cfg.train, cfg.model
+    print(
+        f"\n{m.num_layers} layers, hidden {m.hidden_size}; {t.global_batch_size} prompts/iteration, micro-batch "
+        f"{t.micro_batch_size}, {cfg.ppo.num_ppo_epochs} epochs x {cfg.ppo.num_mini_batches} minibatches, "
+        f"response_length {cfg.generation.response_length}, temperature {cfg.generation.temperature}; "
+        f"{args.iterations} iterations per side, first {args.warmup} skipped; {args.threads} threads; float32 CPU"
+    )
+    busy = f"cores busy with other work just before the runs: megarlhf {ours['busy_cores']:.1f}"
+    if trl:
+        v = trl["versions"]
+        busy += f", TRL {trl['busy_cores']:.1f}; TRL {v['trl']}, transformers {v['transformers']}, torch {v['torch']}"
+    print(busy)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    work = Path(args.work_dir).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    data_dir = Path(args.data_dir).resolve() if args.data_dir else work / "data"
+    tokenizer = prepare_data(data_dir)
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    sft, rm = train_policy_and_rm(args, work, data_dir, tokenizer, env)
+    cfg, overrides = ppo_config(args, work, data_dir, tokenizer, sft, rm)
+
+    print(f"[ppo] megarlhf: {args.iterations} iterations ...", flush=True)
+    busy = check_idle(args.threads, "megarlhf ppo")
+    ours = run_megarlhf(cfg, overrides, work, env, args.warmup)
+    ours["busy_cores"] = busy
+    trl = None
+    if not args.skip_trl:
+        print(f"[ppo] TRL: {args.iterations} iterations ...", flush=True)
+        busy = check_idle(args.threads, "TRL ppo")
+        trl = run_trl(cfg, sft, rm, args, work, env)
+        trl["busy_cores"] = busy
+    print_table(ours, trl, cfg, args)
+    if args.json:
+        settings = {k: v for k, v in vars(args).items() if k != "json"}
+        result = {"settings": settings, "megarlhf_overrides": overrides, "megarlhf": ours, "trl": trl}
+        if trl:
+            result["ratio"] = {k: ours[k] / trl[k] for k in
+                               ("median_tokens_per_second", "total_tokens_per_second", "seconds_per_iteration")}  # fmt: skip
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
