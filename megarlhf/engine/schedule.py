@@ -62,8 +62,9 @@ def run_microbatches(
 ) -> list[dict[str, Any]]:
     """Forward (+ backward) over `microbatches` with Megatron's schedule for this layout.
 
-    Each microbatch needs "tokens" and "position_ids" ([B, T], equal shapes across
-    microbatches: pipeline stages exchange fixed-size activations). On the last pipeline
+    Each microbatch needs "tokens" and "position_ids" ([B, T]; under PP equal shapes across
+    microbatches, since pipeline stages exchange fixed-size activations; without PP each
+    microbatch may have its own length). On the last pipeline
     stage returns each microbatch's stats dict; on other stages an empty list.
     Gradients (unless forward_only) are accumulated into the DDP grad buffers and, after
     the last microbatch, reduced across DP (and TP for sequence-parallel norms, and the
@@ -71,12 +72,14 @@ def run_microbatches(
     """
     config = get_model_config(model)
     micro_batch_size, seq_length = microbatches[0]["tokens"].shape
-    for i, mb in enumerate(microbatches):
-        if mb["tokens"].shape != (micro_batch_size, seq_length):
-            raise ValueError(
-                f"microbatch {i} has tokens {tuple(mb['tokens'].shape)}, microbatch 0 has "
-                f"{(micro_batch_size, seq_length)}: pad every microbatch to one shape"
-            )
+    if groups.layout.pp > 1:  # stages exchange activations of one fixed shape
+        for i, mb in enumerate(microbatches):
+            if mb["tokens"].shape != (micro_batch_size, seq_length):
+                raise ValueError(
+                    f"microbatch {i} has tokens {tuple(mb['tokens'].shape)}, microbatch 0 has "
+                    f"{(micro_batch_size, seq_length)}: under pipeline parallelism pad every "
+                    f"microbatch to one shape"
+                )
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator)

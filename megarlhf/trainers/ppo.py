@@ -360,8 +360,8 @@ class PPOTrainer:
         lengths = prompt_lengths + response_lengths
         last = lengths - 1
         finished = tokens.gather(1, last.unsqueeze(1)).squeeze(1) == self.tokenizer.eos_id
-        # Keep a multiple of 8 x every TP size (sequence parallelism splits T over TP).
-        multiple = 8 * math.lcm(*(g.layout.tp for g in self.ctx.roles.values()))
+        # Enough columns for every role's rounded microbatch length (see _length_multiple).
+        multiple = math.lcm(*(self._length_multiple(g) for g in self.ctx.roles.values()))
         t = -(-int(lengths.max()) // multiple) * multiple
         if t > self.cfg.model.max_seq_length:
             t = int(lengths.max())
@@ -381,15 +381,23 @@ class PPOTrainer:
     # --- score ---------------------------------------------------------------------------
     def _forward_rows(self, model, groups: RoleGroups, batch, per_token, trailing: tuple[int, ...]) -> torch.Tensor:
         """Forward-only pass of `model` over the whole batch at its layout; `per_token(output,
-        microbatch)` -> [b, *trailing] rows, gathered over the world."""
-        n = batch["tokens"].shape[0]
+        microbatch)` -> [b, *trailing] rows (per-token outputs may be shorter than T: the
+        microbatch's own length), gathered over the world in the batch's row order."""
+        n, t = batch["tokens"].shape
         rows = shard_rows(n, groups)
-        mbs = self._microbatches(batch, list(rows), {})
+        mbs = self._microbatches(batch, list(rows), {}, groups)
         model.eval()
         zero = torch.zeros((), device=self.device)
         outs = run_microbatches(model, groups, mbs, lambda out, mb: (zero, {"rows": per_token(out, mb)}), forward_only=True)
         owner = is_row_owner(groups)
-        local = torch.cat([o["rows"] for o in outs]) if owner else None
+        local = None
+        if owner:
+            local = torch.zeros((len(rows), *trailing), device=self.device)
+            for mb, out in zip(mbs, outs):
+                if trailing:
+                    local[mb["slot"], : out["rows"].shape[1]] = out["rows"].float()
+                else:
+                    local[mb["slot"]] = out["rows"].float()
         return gather_rows(local, rows, (n, *trailing), owner=owner, device=self.device).cpu()
 
     def _token_logprobs(self, output: torch.Tensor, tokens: torch.Tensor, groups: RoleGroups):
@@ -465,21 +473,44 @@ class PPOTrainer:
         return clip_scores(scores, ppo.reward_clip or None)
 
     # --- train ---------------------------------------------------------------------------
-    def _microbatches(self, batch, rows: list[int], extra: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-        """Rows -> microbatches of micro_batch_size (this DP rank's rows, already cut)."""
+    def _length_multiple(self, groups: RoleGroups) -> int:
+        """Sequence lengths are rounded up to this: 8 on GPU (kernel shapes), x TP under
+        sequence parallelism (T is split over TP ranks), 1 otherwise."""
+        sp = self.cfg.model.sequence_parallel and groups.layout.tp > 1
+        return math.lcm(8 if torch.cuda.is_available() else 1, groups.layout.tp if sp else 1)
+
+    def _microbatches(self, batch, rows: list[int], extra: dict[str, torch.Tensor], groups: RoleGroups) -> list[dict[str, torch.Tensor]]:
+        """This DP rank's `rows` -> microbatches of micro_batch_size, each cut to the
+        columns it uses (no compute on padding beyond each microbatch's longest row).
+
+        Without pipeline parallelism rows are grouped by length (longest first), so each
+        microbatch is about as short as it can be; the sums over rows, and so the
+        gradients, are unchanged. Pipeline stages exchange fixed-size activations, so under
+        PP every microbatch keeps the step's longest length. `slot` = each row's position
+        in `rows`, to put outputs back in order. `extra` holds more [N, T] / [N] tensors.
+        """
         mbs = self.cfg.train.micro_batch_size
-        t = batch["tokens"].shape[1]
+        lengths = batch["lengths"][rows].tolist()
+        full_t = batch["tokens"].shape[1]
+        order = list(range(len(rows)))
+        if groups.layout.pp == 1:
+            order.sort(key=lambda i: -lengths[i])
+        multiple = self._length_multiple(groups)
         out = []
-        for k in range(0, len(rows), mbs):
-            idx = torch.tensor(rows[k : k + mbs])
+        for k in range(0, len(order), mbs):
+            slots = order[k : k + mbs]
+            longest = max(lengths[i] for i in slots) if groups.layout.pp == 1 else max(lengths)
+            t = min(full_t, -(-longest // multiple) * multiple)
+            idx = torch.tensor([rows[i] for i in slots])
+            per_row = {"last_index": batch["last_index"], **extra}
             mb = {
-                "tokens": batch["tokens"][idx],
+                "tokens": batch["tokens"][idx, :t],
                 "position_ids": torch.arange(t).expand(len(idx), t).contiguous(),
-                "mask": batch["mask"][idx],
-                "last_index": batch["last_index"][idx],
-                **{name: v[idx] for name, v in extra.items()},
+                "mask": batch["mask"][idx, :t],
+                **{name: (v[idx, :t] if v.dim() == 2 else v[idx]) for name, v in per_row.items()},
+                "slot": torch.tensor(slots),
             }
-            out.append({k2: v.to(self.device) for k2, v in mb.items()})
+            out.append({name: v.to(self.device) for name, v in mb.items()})
         return out
 
     def actor_loss(self, output, mb, n):
@@ -514,7 +545,8 @@ class PPOTrainer:
                     ("critic", self.critic, self.critic_loss, {"old_values": old_values, "returns": returns}),
                 ):
                     mine = [minibatch[i] for i in shard_rows(size, self.ctx[role])]
-                    stats = engine.train_step(self._microbatches(batch, mine, extra), partial(loss_fn, n=num_tokens))
+                    microbatches = self._microbatches(batch, mine, extra, self.ctx[role])
+                    stats = engine.train_step(microbatches, partial(loss_fn, n=num_tokens))
                     for key, v in stats.items():
                         name = key if "/" in key else f"{role}/{key}"
                         sums[name] = sums.get(name, 0.0) + v
