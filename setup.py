@@ -27,7 +27,8 @@ setup(
         "matplotlib",  # plots/*.png in run directories
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout", "transformers"],  # HF conversion is checked against transformers
+        # transformers: HF conversion is checked against it; tensorboard: run dirs write events when it is present
+        "test": ["pytest>=8", "pytest-timeout", "transformers", "tensorboard"],
         # Transformer Engine fused kernels (GPU). Apex is optional too but is built from
         # source (NGC PyTorch containers ship both); megarlhf runs without either.
         "gpu": ["transformer-engine[pytorch]"],

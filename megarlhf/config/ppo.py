@@ -99,6 +99,9 @@ class PPOAlgoConfig:
     """Clip scores to [-reward_clip, reward_clip] (0 = off)."""
     missing_eos_penalty: float = 0.0
     """Subtracted from the score of a response that hit response_length without EOS."""
+    ptx_coef: float = 0.0
+    """Weight of the SFT loss on `ptx_file` mixed into every actor step (InstructGPT's
+    PPO-ptx; 0 = off)."""
 
     def __post_init__(self):
         if self.num_ppo_epochs < 1 or self.num_mini_batches < 1:
@@ -109,6 +112,8 @@ class PPOAlgoConfig:
             raise ConfigError("ppo.cliprange and ppo.cliprange_value must be > 0")
         if self.kl_coef < 0 or self.target <= 0 or self.horizon <= 0:
             raise ConfigError("ppo.kl_coef must be >= 0, ppo.target and ppo.horizon > 0")
+        if self.ptx_coef < 0:
+            raise ConfigError(f"ppo.ptx_coef = {self.ptx_coef}: must be >= 0")
 
 
 @dataclass
@@ -158,6 +163,11 @@ class PPOConfig:
     """Score = reward_model_weight * RM score + reward_fn_weight * rule score."""
     reward_fn_weight: float = 1.0
     """See reward_model_weight."""
+    ptx_file: str = ""
+    """SFT JSONL ({"prompt","response"} or {"messages"}) for the ppo.ptx_coef term."""
+    ptx_batch_size: int = 0
+    """SFT sequences per actor optimizer step for the ptx term (0 = the PPO minibatch
+    size, global_batch_size / num_mini_batches)."""
     offload_optimizer: bool = False
     """GPU only: move the actor's and critic's optimizer states and gradient buffers to
     CPU while generating and scoring (Megatron-Core's offload_to_cpu and
@@ -174,6 +184,8 @@ class PPOConfig:
             raise ConfigError("data.tokenizer and data.train_file (prompts) are required")
         if not self.sft_model_path:
             raise ConfigError("sft_model_path is required: the checkpoint of the SFT policy")
+        if self.ppo.ptx_coef and not self.ptx_file:
+            raise ConfigError("ppo.ptx_coef > 0 needs ptx_file (SFT data for the ptx term)")
         if not self.reward_model_path and not self.reward_fn:
             raise ConfigError("no reward: set reward_model_path, reward_fn, or both")
         total = self.data.max_length + self.generation.response_length
@@ -192,6 +204,11 @@ class PPOConfig:
     @property
     def mini_batch_size(self) -> int:
         return self.train.global_batch_size // self.ppo.num_mini_batches
+
+    @property
+    def ptx_rows(self) -> int:
+        """SFT sequences per actor step for the ptx term (0 when it is off)."""
+        return (self.ptx_batch_size or self.mini_batch_size) if self.ppo.ptx_coef else 0
 
     @property
     def optimizer_steps(self) -> int:

@@ -44,6 +44,7 @@ from megarlhf.algorithms import (
     normalize_scores,
     policy_loss,
     entropy_loss,
+    sft_loss,
     shape_rewards,
     value_loss,
 )
@@ -56,7 +57,7 @@ from megarlhf.checkpoint.dist_ckpt import (
     save_checkpoint,
 )
 from megarlhf.config import ConfigError, ModelConfig, PPOConfig
-from megarlhf.data import ChatTemplate, PromptDataset, ShardedSampler, load_tokenizer
+from megarlhf.data import ChatTemplate, PromptDataset, SFTDataset, ShardedSampler, collate_sft, load_tokenizer
 from megarlhf.engine.engine import TrainEngine
 from megarlhf.engine.schedule import run_microbatches
 from megarlhf.models.backbone import build_model
@@ -124,6 +125,13 @@ class PPOTrainer:
         # Every rank draws the same global batch (dp=1 here): the rollout batch is
         # replicated, and each role cuts out its own data-parallel share.
         self.sampler = ShardedSampler(len(self.prompts), cfg.train.global_batch_size, 0, 1, seed=cfg.train.seed)
+        self.ptx_data = self.ptx_sampler = None
+        if cfg.ptx_rows:
+            self.ptx_data = SFTDataset(
+                cfg.ptx_file, self.tokenizer, self.template, max_length=cfg.model.max_seq_length,
+                truncation="error", on_error=cfg.data.on_error, progress=self.ctx.is_main,
+            )  # fmt: skip
+            self.ptx_sampler = ShardedSampler(len(self.ptx_data), cfg.ptx_rows, 0, 1, seed=cfg.train.seed + 1)
         self.row_multiple = self._check_batch_sizes()
 
         self.reward_fn = load_reward_fn(cfg.reward_fn) if cfg.reward_fn else None
@@ -140,6 +148,8 @@ class PPOTrainer:
             self.sampler.load_state_dict(state["sampler"])
             self.kl_ctl.load_state_dict(state["kl_ctl"])
             self.moments.load_state_dict(state["moments"])
+            if self.ptx_sampler is not None:
+                self.ptx_sampler.load_state_dict(state["ptx_sampler"])
             self.run.truncate_metrics(self.step)
             self.run.say(f"resumed from {resume_from} at iteration {self.step}")
         self.refit.refit()
@@ -160,6 +170,12 @@ class PPOTrainer:
         cfg, mbs = self.cfg, self.cfg.train.micro_batch_size
         needs = {r: mbs * g.layout.dp for r, g in self.ctx.roles.items() if r != "rollout"}
         needs["rollout"] = self.ctx["rollout"].layout.dp
+        if cfg.ptx_rows % needs["actor"]:
+            raise ConfigError(
+                f"ptx_batch_size = {cfg.ptx_rows} does not split over the actor's "
+                f"{self.ctx['actor'].layout.dp} data-parallel ranks x micro_batch_size {mbs}: "
+                f"make it a multiple of {needs['actor']}"
+            )
         for role, need in needs.items():
             size = cfg.mini_batch_size if role in ("actor", "critic") else cfg.train.global_batch_size
             what = "the minibatch (global_batch_size / ppo.num_mini_batches)" if role in ("actor", "critic") else "train.global_batch_size"
@@ -479,7 +495,9 @@ class PPOTrainer:
         sp = self.cfg.model.sequence_parallel and groups.layout.tp > 1
         return math.lcm(8 if torch.cuda.is_available() else 1, groups.layout.tp if sp else 1)
 
-    def _microbatches(self, batch, rows: list[int], extra: dict[str, torch.Tensor], groups: RoleGroups) -> list[dict[str, torch.Tensor]]:
+    def _microbatches(
+        self, batch, rows: list[int], extra: dict[str, torch.Tensor], groups: RoleGroups, min_length: int = 0
+    ) -> list[dict[str, torch.Tensor]]:
         """This DP rank's `rows` -> microbatches of micro_batch_size, each cut to the
         columns it uses (no compute on padding beyond each microbatch's longest row).
 
@@ -488,6 +506,7 @@ class PPOTrainer:
         gradients, are unchanged. Pipeline stages exchange fixed-size activations, so under
         PP every microbatch keeps the step's longest length. `slot` = each row's position
         in `rows`, to put outputs back in order. `extra` holds more [N, T] / [N] tensors.
+        Under PP, `min_length` pads to at least that (the ptx microbatches' length).
         """
         mbs = self.cfg.train.micro_batch_size
         lengths = batch["lengths"][rows].tolist()
@@ -499,29 +518,62 @@ class PPOTrainer:
         out = []
         for k in range(0, len(order), mbs):
             slots = order[k : k + mbs]
-            longest = max(lengths[i] for i in slots) if groups.layout.pp == 1 else max(lengths)
-            t = min(full_t, -(-longest // multiple) * multiple)
+            longest = max(lengths[i] for i in slots) if groups.layout.pp == 1 else max(max(lengths), min_length)
+            t = -(-longest // multiple) * multiple
+            if t > full_t and longest <= full_t:
+                t = full_t
             idx = torch.tensor([rows[i] for i in slots])
             per_row = {"last_index": batch["last_index"], **extra}
+
+            def cols(v, pad=0):
+                v = v[idx, :t]
+                return F.pad(v, (0, t - v.shape[1]), value=pad) if v.shape[1] < t else v
+
             mb = {
-                "tokens": batch["tokens"][idx, :t],
+                "tokens": cols(batch["tokens"], self.tokenizer.pad_id),
                 "position_ids": torch.arange(t).expand(len(idx), t).contiguous(),
-                "mask": batch["mask"][idx, :t],
-                **{name: (v[idx, :t] if v.dim() == 2 else v[idx]) for name, v in per_row.items()},
+                "mask": cols(batch["mask"]),
+                **{name: (cols(v) if v.dim() == 2 else v[idx]) for name, v in per_row.items()},
                 "slot": torch.tensor(slots),
             }
             out.append({name: v.to(self.device) for name, v in mb.items()})
         return out
 
-    def actor_loss(self, output, mb, n):
+    def actor_loss(self, output, mb, n, n_ptx=None):
+        """Clipped policy loss (+ entropy bonus) on a rollout microbatch, or ptx_coef x the
+        SFT loss on a ptx microbatch. Both report the same stat keys (zeros for the other
+        kind), as Megatron's schedule collects one dict per microbatch."""
         ppo = self.cfg.ppo
         logprobs, entropy = self._token_logprobs(output, mb["tokens"], self.ctx["actor"])
+        zero = torch.zeros((), device=output.device)
+        if "ptx_mask" in mb:
+            loss, stats = sft_loss(logprobs, mb["ptx_mask"], n_ptx)
+            keys = ("policy/pg_loss", "policy/clipfrac", "policy/approxkl", "policy/ratio", "policy/entropy")
+            return ppo.ptx_coef * loss, {**dict.fromkeys(keys, zero), **stats}
         loss, stats = policy_loss(logprobs, mb["old_logprobs"], mb["advantages"], mb["mask"], ppo.cliprange, n)
         ent_loss, ent_stats = entropy_loss(entropy, mb["mask"], n)
         if ppo.entropy_coef:
             loss = loss + ppo.entropy_coef * ent_loss
         # The rollout's entropy is objective/entropy; this one is the training pass's.
-        return loss, {**stats, "policy/entropy": ent_stats["objective/entropy"]}
+        stats["policy/entropy"] = ent_stats["objective/entropy"]
+        if self.ptx_data is not None:
+            stats["ptx/loss"] = zero
+        return loss, stats
+
+    def ptx_microbatches(self, items: list[dict], length: int | None) -> tuple[list[dict[str, torch.Tensor]], torch.Tensor]:
+        """A ptx batch (`items`, the same on every rank) -> this actor DP rank's
+        microbatches and the global number of SFT target tokens. `length` forces one
+        length on every microbatch (pipeline parallelism); None = each its longest row."""
+        groups, mbs = self.ctx["actor"], self.cfg.train.micro_batch_size
+        n_ptx = torch.stack([it["loss_mask"].sum() for it in items]).sum().clamp(min=1).to(self.device)
+        mine = [items[i] for i in shard_rows(len(items), groups)]
+        out = []
+        for k in range(0, len(mine), mbs):
+            chunk = mine[k : k + mbs]
+            mb = collate_sft(chunk, length or max(len(it["input_ids"]) for it in chunk), self.tokenizer.pad_id)
+            mb = {"tokens": mb["tokens"], "position_ids": mb["position_ids"], "ptx_mask": mb["loss_mask"]}
+            out.append({name: v.to(self.device) for name, v in mb.items()})
+        return out, n_ptx
 
     def critic_loss(self, output, mb, n):
         values = _shift(output[..., 0].float()[:, :-1])
@@ -544,9 +596,22 @@ class PPOTrainer:
                     ("actor", self.actor, self.actor_loss, {"old_logprobs": old_logprobs, "advantages": advantages}),
                     ("critic", self.critic, self.critic_loss, {"old_values": old_values, "returns": returns}),
                 ):
-                    mine = [minibatch[i] for i in shard_rows(size, self.ctx[role])]
-                    microbatches = self._microbatches(batch, mine, extra, self.ctx[role])
-                    stats = engine.train_step(microbatches, partial(loss_fn, n=num_tokens))
+                    groups = self.ctx[role]
+                    mine = [minibatch[i] for i in shard_rows(size, groups)]
+                    if role == "actor" and self.ptx_data is not None:
+                        items = [self.ptx_data[i] for i in self.ptx_sampler.next_batch()]
+                        step_t = None
+                        if groups.layout.pp > 1:  # one shape for every microbatch of the step
+                            longest = max(int(batch["lengths"][minibatch].max()), *(len(it["input_ids"]) for it in items))
+                            multiple = self._length_multiple(groups)
+                            step_t = -(-longest // multiple) * multiple
+                        ptx_mbs, n_ptx = self.ptx_microbatches(items, step_t)
+                        microbatches = self._microbatches(batch, mine, extra, groups, min_length=step_t or 0) + ptx_mbs
+                        loss = partial(loss_fn, n=num_tokens, n_ptx=n_ptx)
+                    else:
+                        microbatches = self._microbatches(batch, mine, extra, groups)
+                        loss = partial(loss_fn, n=num_tokens)
+                    stats = engine.train_step(microbatches, loss)
                     for key, v in stats.items():
                         name = key if "/" in key else f"{role}/{key}"
                         sums[name] = sums.get(name, 0.0) + v
@@ -590,6 +655,7 @@ class PPOTrainer:
                 "sampler": self.sampler.state_dict(),
                 "kl_ctl": self.kl_ctl.state_dict(),
                 "moments": self.moments.state_dict(),
+                "ptx_sampler": self.ptx_sampler.state_dict() if self.ptx_sampler is not None else None,
             },
             keep=self.cfg.train.save_total_limit,
         )

@@ -5,6 +5,7 @@
     run_dir/checkpoints/     iter_NNNNNNN/ + latest (see checkpoint/dist_ckpt.py)
     run_dir/logs/            rank-0 log of the printed lines
     run_dir/plots/*.png      curves of chosen metrics over steps
+    run_dir/tensorboard/     the same metrics as TensorBoard events, when tensorboard is installed
     run_dir/summary.json     written at the end
 
 Only rank 0 writes; other ranks get a `RunDir` whose writes are no-ops.
@@ -35,6 +36,13 @@ class RunDir:
             metrics.unlink()  # a fresh run in an old directory starts a fresh log
         self._metrics = metrics.open("a")
         self._log = (self.path / "logs" / "train.log").open("a")
+        self._tb = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # tensorboard is optional
+            pass
+        else:
+            self._tb = SummaryWriter(str(self.path / "tensorboard"))
 
     def truncate_metrics(self, after_step: int) -> None:
         """On resume, drop log lines of steps after the checkpoint (they will be redone)."""
@@ -53,6 +61,11 @@ class RunDir:
         row.update({k: (v if math.isfinite(v) else None) for k, v in metrics.items()})
         self._metrics.write(json.dumps(row) + "\n")
         self._metrics.flush()
+        if self._tb is not None:
+            for key, value in metrics.items():
+                if math.isfinite(value):
+                    self._tb.add_scalar(key, value, step)
+            self._tb.flush()
 
     def say(self, line: str) -> None:
         if not self.is_main:
@@ -116,3 +129,5 @@ class RunDir:
             self._progress = None
         self._metrics.close()
         self._log.close()
+        if self._tb is not None:
+            self._tb.close()

@@ -2,7 +2,8 @@
 
 `PPOTrainer.update` is everything after generation: reward-model and rule scores,
 reference log-probs, actor log-probs, critic values, KL shaping, GAE, whitening, and
-2 epochs x 2 minibatches of actor and critic optimizer steps. The rollouts are fixed
+2 epochs x 2 minibatches of actor and critic optimizer steps, the actor's with the
+PPO-ptx SFT term mixed in. The rollouts are fixed
 token sequences (random responses, some ending in EOS), so the comparison measures the
 trainer, not sampling. Oracle: the same update on one rank (world of 1, every role
 TP1 PP1). The frozen reference and reward models sit at layouts *different* from the
@@ -90,6 +91,7 @@ def ppo_update_case(root: str, run_dir: str, overrides: list[str]):
             "data.max_length=24", "generation.response_length=12",
             f"sft_model_path={root}/sft", f"reward_model_path={root}/rm",
             "reward_fn=megarlhf.data.synthetic:sort_reward_batch",
+            "ppo.ptx_coef=0.5", f"ptx_file={root}/data/sft.jsonl",
             f"train.run_dir={run_dir}", f"train.global_batch_size={ROLLOUTS}", "train.micro_batch_size=2",
             "ppo.num_ppo_epochs=2", "ppo.num_mini_batches=2", "ppo.kl_coef=0.1",
             "optim.learning_rate=1e-3", "optim.adam_epsilon=1e-4", "optim.lr_scheduler_type=constant",
@@ -125,12 +127,13 @@ def _compare(result, reference):
     ref_actor, ref_critic = reference["actor"], reference["critic"]
     moved = max((ref_actor[k] - reference["before"][k]).abs().max().item() for k in ref_actor)
     assert moved > 1e-3, f"the update barely moved the actor ({moved:.2e}): the test would prove nothing"
+    assert reference["metrics"]["ptx/loss"] > 0.1, "the ptx term did not take part"
     diff = {}
     for name, ref in (("actor", ref_actor), ("critic", ref_critic)):
         got = result[name]
         assert got.keys() == ref.keys()
         diff[name] = max((got[k] - ref[k]).abs().max().item() for k in ref)
-    for key in ("objective/scores", "objective/kl", "val/vf_loss", "policy/clipfrac"):
+    for key in ("objective/scores", "objective/kl", "val/vf_loss", "policy/clipfrac", "ptx/loss"):
         assert result["metrics"][key] == pytest.approx(reference["metrics"][key], abs=1e-5), key
     assert diff["actor"] < ATOL and diff["critic"] < ATOL, diff
     return diff
