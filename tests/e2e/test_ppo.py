@@ -41,20 +41,21 @@ def test_ppo_raises_heldout_reward_and_kl_stays_bounded(task_data, weak_sft, tmp
     """Rule reward only; held-out prompts decoded greedily before and after."""
     controlled, free = tmp_path / "adaptive", tmp_path / "beta0"
     common = ["train.max_steps=30", "train.eval_steps=30"]
-    out = megarlhf("ppo", *ppo_args(task_data, weak_sft, controlled, *common, "ppo.kl_coef=0.2", "ppo.target=0.5", "ppo.horizon=500"))
+    # examples/ppo_tiny.yaml's controller: beta 0.05, adaptive towards 1 nat, horizon 1000.
+    out = megarlhf("ppo", *ppo_args(task_data, weak_sft, controlled, *common))
     assert out.returncode == 0, out.stderr[-4000:]
     rows = metrics(controlled)
     before = next(r for r in rows if r["step"] == 0)["eval/rule_score"]
     after = rows[-1]["eval/rule_score"]
     assert after > before + 0.05, (before, after)
     assert (controlled / "plots" / "ppo.png").stat().st_size > 10_000
-    assert rows[-1]["objective/kl_coef"] != pytest.approx(0.2), "the adaptive controller never moved beta"
+    assert rows[-1]["objective/kl_coef"] != pytest.approx(0.05), "the adaptive controller never moved beta"
 
     out = megarlhf("ppo", *ppo_args(task_data, weak_sft, free, *common, "ppo.kl_coef=0", "ppo.adap_kl_ctrl=false"))
     assert out.returncode == 0, out.stderr[-4000:]
     kl_controlled = sum(r["objective/kl"] for r in rows[-5:]) / 5
     kl_free = sum(r["objective/kl"] for r in metrics(free)[-5:]) / 5
-    assert kl_free > 1.5 * kl_controlled, (kl_free, kl_controlled)
+    assert kl_free > 2 * kl_controlled, (kl_free, kl_controlled)
 
 
 def test_ppo_resume_is_bit_exact(task_data, weak_sft, tmp_path):
