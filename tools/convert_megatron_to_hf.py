@@ -21,8 +21,9 @@ Where things come from:
 Writes config.json, model.safetensors (or model-0000i-of-0000n.safetensors plus
 model.safetensors.index.json above --max-shard-size) and the template's other files.
 The padded vocabulary rows are dropped. Holds one copy of the model plus one shard.
-Exit code 2: bad arguments, unsupported model or a nonzero value-head bias (HF's score
-has none: --drop-score-bias exports anyway); 3: a checkpoint that cannot be loaded.
+Exit code 2: bad arguments or an unsupported model, including a value head saved before
+megarlhf's value head lost its bias with a bias that is not exactly 0 (HF's score has
+none); 3: a checkpoint that cannot be loaded.
 """
 
 from __future__ import annotations
@@ -59,8 +60,6 @@ def parse_args(argv=None):
                    help="largest safetensors file in GB (default: 5)")
     p.add_argument("--pad-token-id", type=int, metavar="ID",
                    help="pad_token_id to write into config.json (reward models need one)")
-    p.add_argument("--drop-score-bias", action="store_true",
-                   help="export a value head with a nonzero bias anyway (scores shift by -bias)")
     return p.parse_args(argv)  # fmt: skip
 
 
@@ -89,6 +88,26 @@ def pick_role(ckpt: Path, role: str | None) -> str:
     if role is None or role not in found:
         raise ConfigError(f"{ckpt} holds the models {found}: pass --role with one of them")
     return role
+
+
+def check_legacy_value_bias(ckpt: Path, role: str) -> None:
+    """Value heads used to have a bias, which HF's score layer cannot hold. A checkpoint
+    from then loads without it: fine when it is exactly 0 (never trained, or converted from
+    HF), an error otherwise, since every exported score would shift by it."""
+    from megarlhf.checkpoint.dist_ckpt import read_saved_tensor
+    from megarlhf.checkpoint.hf import ConversionError
+
+    bias = read_saved_tensor(ckpt, role, "output_layer.bias")
+    if bias is None:
+        return
+    if bias.any():
+        raise ConversionError(
+            f"{ckpt / role}: output_layer.bias = {bias.flatten().tolist()}. This value head was trained "
+            "before megarlhf removed its bias; HF's score layer has none, so every exported score would "
+            "shift by it. The --drop-score-bias flag that exported such checkpoints no longer exists: "
+            "retrain the model with this megarlhf (or export with the megarlhf version it was trained with)"
+        )
+    print(f"note: {ckpt / role} holds an all-zero output_layer.bias from an older megarlhf: dropped")
 
 
 def shard_files(sizes: dict[str, int], max_bytes: float) -> dict[str, str]:
@@ -143,13 +162,11 @@ def main(argv=None) -> int:
         print(f"{ckpt / role}: {role} ({head} head), {cfg.num_parameters(head) / 1e6:.1f}M parameters -> "
               f"{config['architectures'][0]}, {dtype}")  # fmt: skip
 
+        if head == "value":  # before any file is written
+            check_legacy_value_bias(ckpt, role)
+
         params = dict(model.named_parameters())
-        if args.drop_score_bias and head == "value" and params["output_layer.bias"].abs().max() > 0:
-            print(f"note: dropping value-head bias {params['output_layer.bias'].item():.6g} (HF scores shift by it)")
-            params["output_layer.bias"].data.zero_()
         plan = weight_plan(cfg, head)
-        if head == "value":  # refuse a nonzero bias before any file is written
-            to_hf("output_layer.bias", plan["output_layer.bias"], params["output_layer.bias"].detach(), cfg)
         itemsize = _ITEMSIZE[dtype]
         sizes = {src: itemsize * torch.Size(hf_shape(src, cfg)).numel() for name in params for src in plan[name].hf}
         where = shard_files(sizes, args.max_shard_size * 1e9)
@@ -157,7 +174,7 @@ def main(argv=None) -> int:
         buffer: dict[str, torch.Tensor] = {}
         with torch.no_grad():
             for name, param in tqdm(params.items(), desc="megatron -> hf", unit="tensor"):
-                for src, t in to_hf(name, plan[name], param.detach(), cfg).items():
+                for src, t in to_hf(plan[name], param.detach(), cfg).items():
                     if buffer and where[next(iter(buffer))] != where[src]:  # the previous file is complete
                         save_file(buffer, args.out / where[next(iter(buffer))], metadata={"format": "pt"})
                         buffer = {}

@@ -30,7 +30,7 @@ from megatron.core import dist_checkpointing
 
 from megarlhf.config import ConfigError, ModelConfig, dump_yaml
 from megarlhf.config.loader import build
-from megarlhf.parallel.layout import RoleGroups
+from megarlhf.parallel.layout import RoleGroups, parallel_state_ranks
 
 _ITER = re.compile(r"^iter_(\d{7})$")
 
@@ -92,7 +92,10 @@ def latest_step(run_dir: str | Path) -> int | None:
 
 
 def _model_state(model: torch.nn.Module, groups: RoleGroups) -> dict:
-    return model.sharded_state_dict(metadata={"dp_cp_group": groups.dp})
+    # parallel_state_ranks: with tied embeddings at PP > 1, Megatron-Core 0.16.1 asks
+    # parallel_state (never initialised here) for the DP rank of the last stage's copy.
+    with parallel_state_ranks(groups):
+        return model.sharded_state_dict(metadata={"dp_cp_group": groups.dp})
 
 
 def _rng_state() -> dict[str, Any]:
@@ -203,6 +206,21 @@ def load_model_weights(
     except Exception as err:  # shape/key mismatches surface as assorted exception types
         raise CheckpointError(f"cannot load {role} weights from {ckpt}: {err}") from err
     return ckpt
+
+
+def read_saved_tensor(path: str | Path, role: str, key: str) -> torch.Tensor | None:
+    """Collective: the full tensor `key` of `role`'s model in a checkpoint, None if it has
+    none; for keys today's model no longer has (`load_model_weights` skips those), e.g.
+    the `output_layer.bias` of value heads trained before it was removed."""
+    where = resolve_checkpoint(path) / role
+    try:
+        saved = dist_checkpointing.load_tensors_metadata(str(where)).get(key)
+        if saved is None:
+            return None
+        saved.init_data("cpu")  # the metadata describes the full tensor; load fills it
+        return dist_checkpointing.load({"model": {key: saved}}, str(where))["model"][key]
+    except Exception as err:
+        raise CheckpointError(f"cannot read {key} from {where}: {err}") from err
 
 
 def save_model_weights(

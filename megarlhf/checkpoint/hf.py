@@ -15,8 +15,7 @@ What the mapping encodes:
 - Megatron's vocabulary is padded to a multiple of make_vocab_size_divisible_by: the
   padded rows are zeros on import and dropped on export (vocab_size stays the true V).
 - A reward model is HF's *ForSequenceClassification with num_labels = 1: `score.weight`
-  [1, h] <-> our value head's `output_layer.weight`. HF's score has no bias: ours is 0
-  on import and must still be 0 on export.
+  [1, h] <-> our value head's `output_layer.weight`. Neither has a bias.
 """
 
 from __future__ import annotations
@@ -243,7 +242,7 @@ def pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
 class Rule:
     """How one Megatron tensor is made of HF tensors."""
 
-    kind: Literal["copy", "qkv", "gate_up", "vocab", "zero"]
+    kind: Literal["copy", "qkv", "gate_up", "vocab"]
     hf: tuple[str, ...]
     """HF tensor names, in the order `kind` combines them."""
 
@@ -270,7 +269,6 @@ def weight_plan(cfg: ModelConfig, head: Head) -> dict[str, Rule]:
         plan[m + "mlp.linear_fc2.weight"] = Rule("copy", (h + "mlp.down_proj.weight",))
     if head == "value":
         plan["output_layer.weight"] = Rule("copy", ("score.weight",))
-        plan["output_layer.bias"] = Rule("zero", ())
     else:
         lm_head = "model.embed_tokens.weight" if cfg.tie_embeddings else "lm_head.weight"
         plan["output_layer.weight"] = Rule("vocab", (lm_head,))
@@ -294,14 +292,12 @@ _TO_MEGATRON = {
     "qkv": lambda ts, cfg: fuse_qkv(*ts, cfg.num_attention_heads, cfg.query_groups),
     "gate_up": lambda ts, cfg: torch.cat(ts),
     "vocab": lambda ts, cfg: pad_rows(ts[0], cfg.padded_vocab_size),
-    "zero": lambda ts, cfg: torch.zeros(1),
 }
 _TO_HF = {
     "copy": lambda t, cfg: [t],
     "qkv": lambda t, cfg: list(split_qkv(t, cfg.num_attention_heads, cfg.query_groups)),
     "gate_up": lambda t, cfg: list(t.chunk(2)),
     "vocab": lambda t, cfg: [t[: cfg.vocab_size]],
-    "zero": lambda t, cfg: [],
 }
 
 
@@ -309,13 +305,8 @@ def to_megatron(rule: Rule, tensors: list[torch.Tensor], cfg: ModelConfig) -> to
     return _TO_MEGATRON[rule.kind](tensors, cfg)
 
 
-def to_hf(name: str, rule: Rule, tensor: torch.Tensor, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+def to_hf(rule: Rule, tensor: torch.Tensor, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """One Megatron full tensor -> its HF tensors (views where possible)."""
-    if rule.kind == "zero" and tensor.abs().max() > 0:
-        raise ConversionError(
-            f"{name} = {tensor.flatten().tolist()}: HF's score head has no bias, so exported scores would "
-            "shift by it; pass --drop-score-bias to export anyway (rankings are unchanged)"
-        )
     return dict(zip(rule.hf, _TO_HF[rule.kind](tensor, cfg), strict=True))
 
 
@@ -381,9 +372,6 @@ def stream_full_state(path: str | Path, cfg: ModelConfig, head: Head, wanted: It
         extra = sorted(n for n in where if n not in known and not _IGNORED.search(n))
         if extra:
             raise ConversionError(f"{path}: tensors the mapping does not know (unsupported architecture?): {extra[:5]}")
-    for name in wanted:
-        if not plan[name].hf:
-            yield name, to_megatron(plan[name], [], cfg)
     pending: dict[str, torch.Tensor] = {}
     for file in dict.fromkeys(where[s] for s in users):  # files in index order, each opened once
         with safe_open(file, "pt") as f:

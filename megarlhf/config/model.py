@@ -118,7 +118,7 @@ class ModelConfig:
         embed = v * h + (self.max_seq_length * h if self.arch == "gpt" else 0)
         final_norm = h * (2 if self.arch == "gpt" else 1)
         if head == "value":
-            out = h + 1
+            out = h  # ValueHead: one [1, h] weight, no bias
         else:
             out = 0 if self.tie_embeddings else v * h
         return embed + self.num_layers * layer + final_norm + out

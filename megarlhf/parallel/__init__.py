@@ -21,6 +21,7 @@ from megarlhf.parallel.layout import (
     ParallelContext,
     RoleGroups,
     build_parallel_context,
+    parallel_state_ranks,
 )
 from megarlhf.parallel.rng import seed_all
 
@@ -34,5 +35,6 @@ __all__ = [
     "build_parallel_context",
     "detect_launch_env",
     "init_distributed",
+    "parallel_state_ranks",
     "seed_all",
 ]

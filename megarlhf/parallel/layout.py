@@ -8,6 +8,8 @@ live in one job ("separately sharded"). Roles with equal layouts share groups.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch.distributed as dist
@@ -117,6 +119,32 @@ class RoleGroups:
     @property
     def is_last_stage(self) -> bool:
         return self.pp_rank == self.layout.pp - 1
+
+
+@contextlib.contextmanager
+def parallel_state_ranks(groups: RoleGroups) -> Iterator[None]:
+    """Within the block, Megatron-Core's `parallel_state` reports this role's TP and DP
+    ranks; its previous answers come back afterwards, also on error.
+
+    megarlhf never initialises parallel_state's global groups (every role has its own
+    ProcessGroupCollection), yet Megatron-Core 0.16.1 still asks them for a rank in a few
+    places: building the sharded state of a tied output layer on the last pipeline stage
+    (LanguageModule.tie_embeddings_and_output_weights_state_dict) takes the replica id of
+    that copy from `get_data_parallel_rank()`, which fails without a DP group. The rank
+    overrides parallel_state keeps for such uses (`set_*_rank`) answer it without groups.
+    TP comes along because Megatron's other replica ids are (tp rank, dp rank) pairs.
+    Process-wide state: use it around one role's calls at a time.
+    """
+    from megatron.core import parallel_state
+
+    saved = (parallel_state._MPU_TENSOR_MODEL_PARALLEL_RANK, parallel_state._MPU_DATA_PARALLEL_RANK)
+    parallel_state.set_tensor_model_parallel_rank(groups.tp_rank)
+    parallel_state.set_data_parallel_rank(groups.dp_rank)
+    try:
+        yield
+    finally:
+        parallel_state.set_tensor_model_parallel_rank(saved[0])
+        parallel_state.set_data_parallel_rank(saved[1])
 
 
 @dataclass

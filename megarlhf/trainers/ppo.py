@@ -586,37 +586,43 @@ class PPOTrainer:
         cfg, ppo = self.cfg, self.cfg.ppo
         n, size = batch["tokens"].shape[0], cfg.mini_batch_size
         sums: dict[str, float] = {}
-        steps = 0
+
+        def add(role: str, stats: dict[str, float]) -> None:
+            for key, v in stats.items():
+                name = key if "/" in key else f"{role}/{key}"
+                sums[name] = sums.get(name, 0.0) + v
+
         for epoch in range(ppo.num_ppo_epochs):
             perm = torch.randperm(n, generator=torch.Generator().manual_seed(hash((cfg.train.seed, self.step, epoch)) % 2**62))
             for k in range(ppo.num_mini_batches):
                 minibatch = perm[k * size : (k + 1) * size].tolist()
                 num_tokens = batch["mask"][minibatch].sum().clamp(min=1).to(self.device)
-                for role, engine, loss_fn, extra in (
-                    ("actor", self.actor, self.actor_loss, {"old_logprobs": old_logprobs, "advantages": advantages}),
-                    ("critic", self.critic, self.critic_loss, {"old_values": old_values, "returns": returns}),
-                ):
-                    groups = self.ctx[role]
-                    mine = [minibatch[i] for i in shard_rows(size, groups)]
-                    if role == "actor" and self.ptx_data is not None:
-                        items = [self.ptx_data[i] for i in self.ptx_sampler.next_batch()]
-                        step_t = None
-                        if groups.layout.pp > 1:  # one shape for every microbatch of the step
-                            longest = max(int(batch["lengths"][minibatch].max()), *(len(it["input_ids"]) for it in items))
-                            multiple = self._length_multiple(groups)
-                            step_t = -(-longest // multiple) * multiple
-                        ptx_mbs, n_ptx = self.ptx_microbatches(items, step_t)
-                        microbatches = self._microbatches(batch, mine, extra, groups, min_length=step_t or 0) + ptx_mbs
-                        loss = partial(loss_fn, n=num_tokens, n_ptx=n_ptx)
-                    else:
-                        microbatches = self._microbatches(batch, mine, extra, groups)
-                        loss = partial(loss_fn, n=num_tokens)
-                    stats = engine.train_step(microbatches, loss)
-                    for key, v in stats.items():
-                        name = key if "/" in key else f"{role}/{key}"
-                        sums[name] = sums.get(name, 0.0) + v
-                steps += 1
+
+                actor_mbs, n_ptx = self.actor_microbatches(batch, minibatch, {"old_logprobs": old_logprobs, "advantages": advantages})
+                add("actor", self.actor.train_step(actor_mbs, partial(self.actor_loss, n=num_tokens, n_ptx=n_ptx)))
+
+                critic = self.ctx["critic"]
+                mine = [minibatch[i] for i in shard_rows(size, critic)]
+                critic_mbs = self._microbatches(batch, mine, {"old_values": old_values, "returns": returns}, critic)
+                add("critic", self.critic.train_step(critic_mbs, partial(self.critic_loss, n=num_tokens)))
+        steps = ppo.num_ppo_epochs * ppo.num_mini_batches
         return {k: v / steps for k, v in sums.items()}
+
+    def actor_microbatches(self, batch, minibatch: list[int], extra) -> tuple[list[dict[str, torch.Tensor]], torch.Tensor | None]:
+        """This actor DP rank's rollout microbatches of `minibatch`, followed by its ptx
+        microbatches when ppo.ptx_coef is set; and the ptx batch's global token count."""
+        groups = self.ctx["actor"]
+        mine = [minibatch[i] for i in shard_rows(len(minibatch), groups)]
+        if self.ptx_data is None:
+            return self._microbatches(batch, mine, extra, groups), None
+        items = [self.ptx_data[i] for i in self.ptx_sampler.next_batch()]
+        step_t = None
+        if groups.layout.pp > 1:  # one shape for every microbatch of the step
+            longest = max(int(batch["lengths"][minibatch].max()), *(len(it["input_ids"]) for it in items))
+            multiple = self._length_multiple(groups)
+            step_t = -(-longest // multiple) * multiple
+        ptx_mbs, n_ptx = self.ptx_microbatches(items, step_t)
+        return self._microbatches(batch, mine, extra, groups, min_length=step_t or 0) + ptx_mbs, n_ptx
 
     # --- evaluation, checkpoints, the loop -----------------------------------------------
     @torch.no_grad()

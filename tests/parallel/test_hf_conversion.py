@@ -10,26 +10,23 @@ and biases included, is redrawn so that no mapping error can hide behind a zero 
   a checkpoint it saves at TP2xPP2 exports back to exactly the original tensors, which
   transformers loads;
 - a reward model scores the same in transformers' LlamaForSequenceClassification (last
-  non-pad token) as in megarlhf; trained a few steps (TP2 / PP2), it does so up to the
-  value head's bias, which HF cannot hold (the export says so and needs a flag);
+  non-pad token) as in megarlhf, also once trained a few steps (TP2 / PP2); a checkpoint
+  from when value heads had a bias exports only if that bias is exactly 0;
 - bad inputs exit with code 2 and a message naming the tensor and both shapes.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 import sys
 from pathlib import Path
-from unittest.mock import patch
 
 import pytest
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
 
-from megarlhf.checkpoint.dist_ckpt import load_model_weights, save_model_weights
+from megarlhf.checkpoint.dist_ckpt import load_checkpoint, load_model_weights, save_checkpoint, save_model_weights
 from megarlhf.checkpoint.hf import load_hf_weights, model_config_from_hf, read_hf_config
 from megarlhf.config import ModelConfig, OptimConfig, load_config
 from megarlhf.engine.engine import TrainEngine
@@ -97,21 +94,6 @@ def hf_models(tmp_path_factory):
 
 
 # --- worker functions (run on every rank of a harness world) ------------------------------
-@contextlib.contextmanager
-def tied_pp_workaround(g, active: bool = True):
-    """Megatron-Core 0.16.1 reads the DP rank from parallel_state's globals, which megarlhf
-    never initialises, when it builds the sharded state of a tied output layer on the last
-    pipeline stage (LanguageModule.tie_embeddings_and_output_weights_state_dict): saving or
-    loading a tied-embedding model at PP > 1 fails. Until checkpoint/dist_ckpt.py passes the
-    role's DP rank itself, the workers patch it in (`test_tied_pp_checkpoint_bug` keeps
-    the bug visible)."""
-    if not active:
-        yield
-        return
-    with patch.object(parallel_state, "get_data_parallel_rank", lambda **_: g.dp_rank):
-        yield
-
-
 def forward(model, g, tokens: torch.Tensor):
     """The model's output [B, T, V'] (LM, vocab gathered over TP) or [B, T, 1] on the last
     pipeline stage; None on the others."""
@@ -140,13 +122,12 @@ def logits_diff(model, g, cfg: ModelConfig, reference: torch.Tensor):
     return (logits[..., : cfg.vocab_size] - reference).abs().max().item()
 
 
-def from_checkpoint_case(mg_dir, tp, pp, reference, workaround=True):
+def from_checkpoint_case(mg_dir, tp, pp, reference):
     cfg = load_config(ModelConfig, Path(mg_dir) / "model_config.yaml")
     g = groups(tp, pp)
     reseed(11, g)
     model = build_model(cfg, g, "lm")
-    with tied_pp_workaround(g, workaround):
-        load_model_weights(model, g, mg_dir, "actor")
+    load_model_weights(model, g, mg_dir, "actor")
     return logits_diff(model, g, cfg, reference)
 
 
@@ -157,8 +138,7 @@ def from_hf_case(hf_dir, save_dir, tp, pp, reference):
     reseed(12, g)
     model = build_model(cfg, g, "lm")
     load_hf_weights(model, g, hf_dir, strict=True)
-    with tied_pp_workaround(g):
-        save_model_weights(model, g, save_dir, "actor", source=f"hf:{hf_dir}")
+    save_model_weights(model, g, save_dir, "actor", source=f"hf:{hf_dir}")
     return logits_diff(model, g, cfg, reference)
 
 
@@ -191,8 +171,7 @@ def reward_case(mg_dir, save_dir, tp, pp, steps=3):
     save_model_weights(model, g, save_dir, "reward", step=steps)
     if values is None:
         return None
-    return {"scores": sequence_scores(values[..., 0], LENGTHS - 1), "moved": moved,
-            "bias": model.output_layer.bias.item()}  # fmt: skip
+    return {"scores": sequence_scores(values[..., 0], LENGTHS - 1), "moved": moved}
 
 
 # --- tests --------------------------------------------------------------------------------
@@ -274,24 +253,43 @@ def test_trained_reward_model_scores_the_same_in_transformers(world2, hf_models,
     results = [r for r in world2.run(reward_case, str(mg_dir), str(tmp_path / "rm"), tp, pp) if r]
     ours = results[0]
     assert ours["moved"] > 1e-3  # it trained
-    # HF's score head has no bias. Bradley-Terry's gradient on ours is 0 in exact
-    # arithmetic, but float rounding in the pairwise cancellation, amplified by Adam, can
-    # move it a little (it does at TP2 here, not at PP2): then the export refuses, and
-    # --drop-score-bias exports the rest.
-    args = (tmp_path / "rm", tmp_path / "rm-hf", "--hf-template", src, "--pad-token-id", PAD)
-    if ours["bias"] != 0.0:
-        out = tool("convert_megatron_to_hf.py", *args, expect=2)
-        assert "output_layer.bias" in out.stderr and "--drop-score-bias" in out.stderr
-        args += ("--drop-score-bias",)
-    tool("convert_megatron_to_hf.py", *args)
+    tool("convert_megatron_to_hf.py", tmp_path / "rm", tmp_path / "rm-hf", "--hf-template", src, "--pad-token-id", PAD)
     model = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm-hf").eval()
     assert type(model).__name__ == "LlamaForSequenceClassification"
     tokens = TOKENS.clone()
     tokens[1, LENGTHS[1] :] = PAD
-    theirs = hf_output(model, tokens)[:, 0]
-    diff = (theirs + ours["bias"] - ours["scores"]).abs().max().item()
-    print(f"reward tp{tp} pp{pp}: max |score - (transformers + bias {ours['bias']:.2e})| = {diff:.2e}")
+    diff = (hf_output(model, tokens)[:, 0] - ours["scores"]).abs().max().item()
+    print(f"reward tp{tp} pp{pp}: max |score - transformers| = {diff:.2e}")
     assert diff <= ATOL
+
+
+def legacy_bias_case(mg_dir, save_dir, bias):
+    """A reward model saved the way value heads were before they lost their bias."""
+    cfg = load_config(ModelConfig, Path(mg_dir) / "model_config.yaml")
+    g = groups(1, 1)
+    reseed(15, g)
+    model = build_model(cfg, g, "value")
+    load_model_weights(model, g, mg_dir, "reward")
+    model.output_layer.bias = torch.nn.Parameter(torch.tensor([bias]))  # saved via its state_dict
+    save_model_weights(model, g, save_dir, "reward")
+
+
+@pytest.mark.parametrize("bias", [0.0, 0.25])
+def test_legacy_value_head_bias_exports_only_when_zero(world2, hf_models, tmp_path, bias):
+    src, mg_dir, hf_logits = hf_models["reward"]
+    world2.run(legacy_bias_case, str(mg_dir), str(tmp_path / "old"), bias)
+    args = (tmp_path / "old", tmp_path / "old-hf", "--hf-template", src, "--pad-token-id", PAD)
+    if bias:
+        out = tool("convert_megatron_to_hf.py", *args, expect=2)
+        assert "output_layer.bias = [0.25]" in out.stderr and "--drop-score-bias" in out.stderr
+        assert not (tmp_path / "old-hf" / "model.safetensors").exists()
+        return
+    out = tool("convert_megatron_to_hf.py", *args)
+    assert "all-zero output_layer.bias" in out.stdout
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "old-hf").eval()
+    tokens = TOKENS.clone()
+    tokens[1, LENGTHS[1] :] = PAD
+    assert (hf_output(model, tokens) - hf_logits).abs().max() <= ATOL
 
 
 def test_shape_mismatch_and_unsupported_architecture_exit_2(hf_models, tmp_path):
@@ -315,25 +313,43 @@ def test_shape_mismatch_and_unsupported_architecture_exit_2(hf_models, tmp_path)
     assert "GPTNeoXForCausalLM" in out.stderr and "not supported" in out.stderr
 
 
-def tied_pp_state_case(mg_dir):
-    """Build the sharded state of a tied-embedding model at PP2 as dist_ckpt.py does, without
-    the workaround; the error (if any) comes back instead of breaking the world, whose
-    forced teardown would orphan dist_checkpointing's writer processes."""
+def tied_pp_round_trip_case(mg_dir, run_dir):
+    """Qwen2 (tied embeddings) at PP2 x DP2, where the last stage holds a copy of the
+    embedding as its output layer: a training checkpoint (model + optimizer) of it, then
+    its logits from fresh models that load it at PP2 (weights only and a full resume) and
+    at TP2, and from a fresh model before loading (to show the loads changed something)."""
     cfg = load_config(ModelConfig, Path(mg_dir) / "model_config.yaml")
     g = groups(1, 2)
     reseed(14, g)
-    model = build_model(cfg, g, "lm")
-    try:
-        model.sharded_state_dict(metadata={"dp_cp_group": g.dp})
-    except Exception as err:  # noqa: BLE001 - reported to the test
-        return f"{type(err).__name__}: {err}"
-    return None
+    engine = TrainEngine(build_model(cfg, g, "lm"), g, OptimConfig(), max_steps=1)
+    load_model_weights(engine.module, g, mg_dir, "actor")
+    out = {"saved": forward(engine.module, g, TOKENS)}
+    save_checkpoint(run_dir, 1, {"actor": engine}, {}, keep=1)
+
+    reseed(15, g)
+    resumed = TrainEngine(build_model(cfg, g, "lm"), g, OptimConfig(), max_steps=1)
+    out["fresh"] = forward(resumed.module, g, TOKENS)
+    load_checkpoint(run_dir, {"actor": resumed})
+    out["resumed pp2"] = forward(resumed.module, g, TOKENS)
+    for tp, pp in ((1, 2), (2, 1)):
+        g = groups(tp, pp)
+        reseed(16, g)
+        model = build_model(cfg, g, "lm")
+        load_model_weights(model, g, run_dir, "actor")
+        out[f"weights tp{tp} pp{pp}"] = forward(model, g, TOKENS)
+    return out
 
 
-@pytest.mark.xfail(strict=True, reason="Megatron 0.16.1 tied output layer + PP>1 reads parallel_state's DP rank")
-def test_tied_pp_checkpoint_bug(world2, hf_models):
-    """A tied-embedding (Qwen2) model at PP2 cannot be saved or loaded without the
-    workaround. Remove the xfail once checkpoint/dist_ckpt.py passes the DP rank (see
-    tied_pp_workaround)."""
-    errors = [e for e in world2.run(tied_pp_state_case, str(hf_models["qwen2"][1])) if e]
-    assert not errors, errors
+def test_tied_embeddings_checkpoint_round_trip_at_pp2(world4, hf_models, tmp_path):
+    """Megatron-Core 0.16.1 asks parallel_state (which megarlhf leaves uninitialised) for
+    the DP rank of a tied output layer at PP > 1; checkpoint/dist_ckpt.py answers it with
+    the role's ranks (parallel/layout.py: parallel_state_ranks)."""
+    results = world4.run(tied_pp_round_trip_case, str(hf_models["qwen2"][1]), str(tmp_path / "run"))
+    last = [r for r in results if r["saved"] is not None]  # the last-stage ranks (DP2)
+    assert len(last) == 2
+    for r in last:
+        assert (r["fresh"] - r["saved"]).abs().max() > 1e-2  # a fresh model differs
+        for name in ("resumed pp2", "weights tp1 pp2", "weights tp2 pp1"):
+            diff = (r[name] - r["saved"]).abs().max().item()
+            print(f"qwen2 (tied) saved at pp2: {name}: max |logits - saved| = {diff:.2e}")
+            assert diff <= 1e-5, name

@@ -81,7 +81,7 @@ def test_tensors_round_trip_exactly(overrides, head):
         full = hf.to_megatron(rule, [state[s] for s in rule.hf], cfg)
         if rule.kind == "vocab":  # padded with zero rows to a multiple of 128
             assert full.shape[0] == cfg.padded_vocab_size == 256 and not full[cfg.vocab_size :].any()
-        back.update(hf.to_hf(name, rule, full, cfg))
+        back.update(hf.to_hf(rule, full, cfg))
     assert back.keys() == state.keys()
     for n in state:
         assert torch.equal(back[n], state[n]), n
@@ -191,12 +191,12 @@ def test_stream_over_sharded_index_yields_each_tensor_once(tmp_path):
         assert torch.equal(out[name], hf.to_megatron(rule, [state[s] for s in rule.hf], cfg)), name
 
 
-def test_nonzero_value_head_bias_is_refused_on_export():
+def test_value_head_is_score_weight_only():
+    """HF's score layer has no bias, and neither has megarlhf's value head."""
     cfg = hf.model_config_from_hf(LLAMA).config
-    rule = hf.weight_plan(cfg, "value")["output_layer.bias"]
-    assert hf.to_hf("output_layer.bias", rule, torch.zeros(1), cfg) == {}
-    with pytest.raises(hf.ConversionError, match="drop-score-bias"):
-        hf.to_hf("output_layer.bias", rule, torch.tensor([0.5]), cfg)
+    plan = hf.weight_plan(cfg, "value")
+    assert [n for n in plan if n.startswith("output_layer.")] == ["output_layer.weight"]
+    assert plan["output_layer.weight"] == hf.Rule("copy", ("score.weight",))
 
 
 def test_mismatched_overrides_name_the_fields():

@@ -67,3 +67,24 @@ def test_vocab_padding_and_ffn_rules():
     assert ModelConfig(vocab_size=32001).padded_vocab_size == 32128
     assert ModelConfig(arch="gpt", hidden_size=64).ffn_size == 256
     assert ModelConfig(arch="llama", hidden_size=4096).ffn_size == 11008  # Llama-2 7B
+
+
+def test_parallel_state_ranks_are_scoped_and_restored():
+    """Megatron-Core's parallel_state reports the role's ranks inside the block only, and
+    its previous answers come back also when the block raises."""
+    from megatron.core import parallel_state
+
+    from megarlhf.parallel import RoleGroups, parallel_state_ranks
+
+    def overrides():
+        return parallel_state._MPU_TENSOR_MODEL_PARALLEL_RANK, parallel_state._MPU_DATA_PARALLEL_RANK
+
+    before = overrides()
+    role = RoleGroups(layout=Layout(2, 2, 4), pgc=None, tp_rank=1, pp_rank=1, dp_rank=3)
+    with parallel_state_ranks(role):
+        assert parallel_state.get_tensor_model_parallel_rank() == 1
+        assert parallel_state.get_data_parallel_rank(with_context_parallel=True) == 3
+    assert overrides() == before
+    with pytest.raises(RuntimeError, match="boom"), parallel_state_ranks(role):
+        raise RuntimeError("boom")
+    assert overrides() == before
