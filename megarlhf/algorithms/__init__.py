@@ -1,7 +1,8 @@
 """RL math as pure functions of [B, T] tensors. Layer: algorithms/.
 
 Imports only torch and the standard library: no Megatron, no process groups, no config
-objects. Losses take the global token count as an argument (see losses.py).
+objects. Losses take the global token (or sequence, or pair) count as an argument (see
+losses.py).
 """
 
 from megarlhf.algorithms.advantages import (
@@ -18,18 +19,49 @@ from megarlhf.algorithms.controllers import (
     FixedKLController,
     make_kl_controller,
 )
+from megarlhf.algorithms.group import (
+    GROUP_ADVANTAGE_ESTIMATORS,
+    broadcast_to_tokens,
+    filter_uniform_groups,
+    grpo_advantages,
+    reinforce_pp_advantages,
+    reinforce_pp_returns,
+    rloo_advantages,
+)
 from megarlhf.algorithms.kl import KL_ESTIMATORS, kl_penalty
-from megarlhf.algorithms.losses import entropy_loss, policy_loss, sft_loss, value_loss
+from megarlhf.algorithms.losses import (
+    LOSS_AGGREGATIONS,
+    entropy_loss,
+    kl_loss,
+    policy_loss,
+    sft_loss,
+    value_loss,
+)
+from megarlhf.algorithms.preference import (
+    DPO_LOSS_TYPES,
+    dpo_loss,
+    rpo_term,
+    sequence_logps,
+    sequence_mean_logps,
+)
 from megarlhf.algorithms.rewards import RunningMoments, clip_scores, normalize_scores
 
 __all__ = [
+    "DPO_LOSS_TYPES",
+    "GROUP_ADVANTAGE_ESTIMATORS",
     "KL_ESTIMATORS",
+    "LOSS_AGGREGATIONS",
     "AdaptiveKLController",
     "FixedKLController",
     "RunningMoments",
+    "broadcast_to_tokens",
     "clip_scores",
+    "dpo_loss",
     "entropy_loss",
+    "filter_uniform_groups",
     "gae",
+    "grpo_advantages",
+    "kl_loss",
     "kl_penalty",
     "last_token_index",
     "make_kl_controller",
@@ -39,6 +71,12 @@ __all__ = [
     "masked_whiten",
     "normalize_scores",
     "policy_loss",
+    "reinforce_pp_advantages",
+    "reinforce_pp_returns",
+    "rloo_advantages",
+    "rpo_term",
+    "sequence_logps",
+    "sequence_mean_logps",
     "sft_loss",
     "shape_rewards",
     "value_loss",

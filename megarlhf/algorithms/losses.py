@@ -10,6 +10,20 @@ over microbatches and ranks then gives the global token mean, and the gradient d
 depend on how the minibatch was split. Dividing by a local `mask.sum()` would weight
 tokens of short microbatches more.
 
+Two aggregations are offered for `policy_loss` and `kl_loss` (table `LOSS_AGGREGATIONS`):
+
+    "token"     sum_i sum_t loss_it / num_tokens
+                Every token weighs the same (DAPO's token-level loss, PPO as in TRL).
+                Dr. GRPO's constant normaliser is this with
+                num_tokens = num_sequences * max_response_length.
+    "sequence"  sum_i (sum_t loss_it / |o_i|) / num_sequences
+                Mean over each sequence's own tokens, then over sequences (the GRPO
+                paper, eq. 3; verl's "seq-mean-token-mean"): tokens of long responses
+                weigh less.
+
+`|o_i|` is the row's own mask sum, which is local by nature; `num_sequences` (like
+`num_tokens`) must be the global count over all microbatches and data-parallel ranks.
+
 Each function returns (loss, stats): loss a differentiable 0-d tensor, stats a dict of
 detached 0-d tensors.
 """
@@ -20,18 +34,51 @@ import torch
 from torch import Tensor
 
 from megarlhf.algorithms.advantages import masked_sum
+from megarlhf.algorithms.kl import kl_penalty
+
+
+def _check_count(name: str, value: float | Tensor, what: str) -> None:
+    # Only a Python number is checked: testing a tensor would be a host sync.
+    if not isinstance(value, Tensor) and value <= 0:
+        raise ValueError(f"{name} must be the positive global count of {what}, got {value}")
 
 
 def _check_num_tokens(num_tokens: float | Tensor) -> None:
-    # Only a Python number is checked: testing a tensor would be a host sync.
-    if not isinstance(num_tokens, Tensor) and num_tokens <= 0:
-        raise ValueError(
-            f"num_tokens must be the positive global count of response tokens, got {num_tokens}"
-        )
+    _check_count("num_tokens", num_tokens, "response tokens")
 
 
 def _token_mean(x: Tensor, mask: Tensor, num_tokens: float | Tensor) -> Tensor:
     return masked_sum(x, mask) / num_tokens
+
+
+def _sequence_mean(x: Tensor, mask: Tensor, num_sequences: float | Tensor) -> Tensor:
+    # Per-row token mean, then summed over rows / the global sequence count. A row with an
+    # empty mask contributes 0 (its length is clamped to 1 to avoid 0/0).
+    per_row = torch.where(mask.bool(), x * mask, 0).sum(-1)
+    return (per_row / mask.sum(-1).clamp(min=1)).sum() / num_sequences
+
+
+# Each aggregator: (loss_t [B, T], mask, num_tokens, num_sequences) -> 0-d.
+_AGGREGATORS = {
+    "token": lambda x, mask, num_tokens, num_sequences: _token_mean(x, mask, num_tokens),
+    "sequence": lambda x, mask, num_tokens, num_sequences: _sequence_mean(x, mask, num_sequences),
+}
+
+LOSS_AGGREGATIONS = tuple(_AGGREGATORS)
+
+
+def _check_aggregation(aggregation: str, num_sequences: float | Tensor | None) -> None:
+    if aggregation not in LOSS_AGGREGATIONS:
+        raise ValueError(
+            f"loss aggregation {aggregation!r} is unknown; use one of {LOSS_AGGREGATIONS}"
+        )
+    if aggregation == "sequence":
+        if num_sequences is None:
+            raise ValueError(
+                'aggregation="sequence" needs num_sequences, the global count of sequences '
+                "in the minibatch (all microbatches, all data-parallel ranks)"
+            )
+        _check_count("num_sequences", num_sequences, "sequences")
 
 
 def policy_loss(
@@ -41,27 +88,44 @@ def policy_loss(
     mask: Tensor,
     cliprange: float,
     num_tokens: float | Tensor,
+    *,
+    cliprange_low: float | None = None,
+    cliprange_high: float | None = None,
+    aggregation: str = "token",
+    num_sequences: float | Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO clipped surrogate (Schulman et al. 2017, eq. 7), negated to be minimised.
 
         ratio_t = exp(logprobs_t - old_logprobs_t)
-        loss_t  = max(-A_t * ratio_t, -A_t * clamp(ratio_t, 1 - c, 1 + c))
-        loss    = sum(loss_t * mask) / num_tokens
+        loss_t  = max(-A_t * ratio_t, -A_t * clamp(ratio_t, 1 - c_low, 1 + c_high))
+        loss    = aggregate(loss_t)      "token": sum(loss_t * mask) / num_tokens
 
-    stats (each a sum over masked tokens / num_tokens):
-        policy/pg_loss   the loss
+    cliprange_low / cliprange_high default to cliprange (symmetric PPO). DAPO's
+    "clip-higher" (Yu et al. 2025) raises only c_high (e.g. 0.2 / 0.28) so that
+    low-probability tokens can gain mass, against entropy collapse.
+
+    aggregation: "token" (default, the PPO trainer's) or "sequence" (GRPO paper; needs
+    the global `num_sequences`); see the module docstring.
+
+    stats:
+        policy/pg_loss   the loss (same aggregation)
         policy/clipfrac  fraction of tokens where the clipped term is the larger
         policy/approxkl  0.5 * (logprobs - old_logprobs)^2, TRL's approxkl
         policy/ratio     mean ratio
+    The last three are token diagnostics, always sum over masked tokens / num_tokens.
     """
     _check_num_tokens(num_tokens)
+    _check_aggregation(aggregation, num_sequences)
+    low = cliprange if cliprange_low is None else cliprange_low
+    high = cliprange if cliprange_high is None else cliprange_high
     # Zero the log-ratio outside the mask before exp(): padding log-probs may differ
     # enough to overflow, and inf * 0 would turn the gradient into nan.
     log_ratio = torch.where(mask.bool(), logprobs - old_logprobs, 0)
     ratio = log_ratio.exp()
     unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1.0 - cliprange, 1.0 + cliprange)
-    loss = _token_mean(torch.maximum(unclipped, clipped), mask, num_tokens)
+    clipped = -advantages * ratio.clamp(1.0 - low, 1.0 + high)
+    loss_t = torch.maximum(unclipped, clipped)
+    loss = _AGGREGATORS[aggregation](loss_t, mask, num_tokens, num_sequences)
     with torch.no_grad():
         stats = {
             "policy/pg_loss": loss.detach(),
@@ -127,3 +191,34 @@ def sft_loss(
     _check_num_tokens(num_tokens)
     loss = -_token_mean(logprobs, mask, num_tokens)
     return loss, {"ptx/loss": loss.detach()}
+
+
+def kl_loss(
+    logprobs: Tensor,
+    ref_logprobs: Tensor,
+    mask: Tensor,
+    num_tokens: float | Tensor,
+    estimator: str = "k3",
+    *,
+    aggregation: str = "token",
+    num_sequences: float | Tensor | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """KL(pi || ref) as a loss term (GRPO, Shao et al. 2024, eq. 3-4), [B, T] -> 0-d.
+
+        kl_t = kl_penalty(logprobs, ref_logprobs, estimator)_t     (k3 in the GRPO paper)
+        loss = aggregate(kl_t)      "token": sum(kl_t * mask) / num_tokens
+
+    Unlike PPO's KL-shaped reward, the gradient flows through `logprobs`; the caller
+    scales the loss by its coefficient (beta). aggregation / num_sequences as in
+    `policy_loss`.
+
+    stats: policy/kl (the loss).
+    """
+    _check_num_tokens(num_tokens)
+    _check_aggregation(aggregation, num_sequences)
+    # Zero both inputs outside the mask before the estimator: k3's exp(-r) of a padding
+    # log-ratio may be inf, and masking afterwards would still give a 0 * inf = nan gradient.
+    live = mask.bool()
+    kl = kl_penalty(torch.where(live, logprobs, 0), torch.where(live, ref_logprobs, 0), estimator)
+    loss = _AGGREGATORS[aggregation](kl, mask, num_tokens, num_sequences)
+    return loss, {"policy/kl": loss.detach()}

@@ -360,6 +360,168 @@ def test_num_tokens_must_be_positive():
         alg.sft_loss(x, m, -1)
 
 
+# ---------------------------------------------------------------- policy_loss options, kl_loss
+
+
+def naive_pg_terms(lp, old, adv, spans, low, high):
+    """Per-row lists of the clipped surrogate loss_t over each row's span."""
+    rows = []
+    for i, (s, e) in enumerate(spans):
+        row = []
+        for j in range(s, e):
+            ratio = math.exp(lp[i][j] - old[i][j])
+            row.append(max(-adv[i][j] * ratio, -adv[i][j] * min(max(ratio, 1 - low), 1 + high)))
+        rows.append(row)
+    return rows
+
+
+def naive_aggregate(rows, aggregation, n_tokens, n_sequences):
+    if aggregation == "token":
+        return sum(sum(r) for r in rows) / n_tokens
+    return sum(sum(r) / len(r) for r in rows if r) / n_sequences
+
+
+def test_policy_loss_defaults_reproduce_symmetric_token_loss():
+    mask, _, field, lp, old = loss_inputs(10)
+    adv = field()
+    base, base_stats = alg.policy_loss(lp, old, adv, mask, 0.2, 31)
+    same, same_stats = alg.policy_loss(
+        lp, old, adv, mask, 0.2, 31, cliprange_low=0.2, cliprange_high=0.2, aggregation="token"
+    )
+    assert torch.equal(base, same)
+    for k in base_stats:
+        assert torch.equal(base_stats[k], same_stats[k])
+
+
+@pytest.mark.parametrize("aggregation", ["token", "sequence"])
+@pytest.mark.parametrize("low,high", [(0.2, 0.28), (0.1, 0.3), (0.2, 0.2)])
+def test_policy_loss_clip_higher_and_aggregation_match_naive(aggregation, low, high):
+    mask, spans, field, lp, old = loss_inputs(11, garbage=float("nan"))
+    spans[3] = (spans[3][0], spans[3][0])  # an all-masked row: contributes 0
+    mask[3] = 0.0
+    adv = field()
+    n_tokens, n_sequences = int(mask.sum()) + 4, mask.size(0) + 2
+    loss, stats = alg.policy_loss(
+        lp, old, adv, mask, 0.5, n_tokens,  # cliprange itself is overridden by low/high
+        cliprange_low=low, cliprange_high=high, aggregation=aggregation, num_sequences=n_sequences,
+    )
+    rows = naive_pg_terms(lp.tolist(), old.tolist(), adv.tolist(), spans, low, high)
+    expected = naive_aggregate(rows, aggregation, n_tokens, n_sequences)
+    close(loss, expected)
+    close(stats["policy/pg_loss"], expected)
+    # clipfrac stays a token mean, with the asymmetric range
+    clipped = 0
+    for i, (s, e) in enumerate(spans):
+        for j in range(s, e):
+            r = math.exp(lp[i, j].item() - old[i, j].item())
+            a = adv[i, j].item()
+            clipped += -a * min(max(r, 1 - low), 1 + high) > -a * r
+    close(stats["policy/clipfrac"], clipped / n_tokens)
+    assert torch.isfinite(loss)
+
+
+def test_clip_higher_clips_each_side_separately():
+    # One token per row: ratio 1.25 with A > 0 (upper clip at 1 + high) and ratio 0.75
+    # with A < 0 (lower clip at 1 - low).
+    mask = torch.ones(2, 1, dtype=torch.float64)
+    lp = torch.log(torch.tensor([[1.25], [0.75]], dtype=torch.float64))
+    old = torch.zeros(2, 1, dtype=torch.float64)
+    adv = torch.tensor([[1.0], [-1.0]], dtype=torch.float64)
+    loss, stats = alg.policy_loss(lp, old, adv, mask, 0.2, 2, cliprange_high=0.28)
+    # row 0: max(-1.25, -1.25) = -1.25 (1.25 < 1.28, unclipped); row 1: max(0.75, 0.8) = 0.8
+    close(loss, (-1.25 + 0.8) / 2)
+    close(stats["policy/clipfrac"], 0.5)
+    loss, _ = alg.policy_loss(lp, old, adv, mask, 0.2, 2, cliprange_low=0.3)
+    # row 0: max(-1.25, -1.2) = -1.2 ; row 1: max(0.75, 0.7) = 0.75
+    close(loss, (-1.2 + 0.75) / 2)
+
+
+@pytest.mark.parametrize("aggregation", ["token", "sequence"])
+def test_policy_and_kl_loss_split_equals_whole(aggregation):
+    mask, _, field, lp, old = loss_inputs(12)
+    adv, ref = field(), lp + field(scale=0.2)
+    n_tokens, n_sequences = mask.sum(), mask.size(0)
+    kw = dict(aggregation=aggregation, num_sequences=n_sequences)
+
+    def run(rows, lp_):
+        pg, pg_stats = alg.policy_loss(
+            lp_[rows], old[rows], adv[rows], mask[rows], 0.2, n_tokens, cliprange_high=0.28, **kw
+        )
+        kl, kl_stats = alg.kl_loss(lp_[rows], ref[rows], mask[rows], n_tokens, "k3", **kw)
+        return {"pg": pg, "kl": kl, **pg_stats, **kl_stats}
+
+    lp_whole = lp.clone().requires_grad_()
+    whole = run(slice(None), lp_whole)
+    (whole["pg"] + 0.1 * whole["kl"]).backward()
+    lp_split = lp.clone().requires_grad_()
+    pieces = [run(rows, lp_split) for rows in (slice(0, 2), slice(2, 3), slice(3, 6))]
+    summed = {k: sum(p[k] for p in pieces) for k in whole}
+    (summed["pg"] + 0.1 * summed["kl"]).backward()
+    for k in whole:
+        close(summed[k], whole[k])
+    close(lp_split.grad, lp_whole.grad)
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+@pytest.mark.parametrize("aggregation", ["token", "sequence"])
+def test_kl_loss_matches_naive(estimator, aggregation):
+    mask, spans, field = make_batch(13, b=6, t=10)
+    lp = field(scale=0.5, shift=-2.0)
+    ref = lp + field(scale=0.4)
+    n_tokens, n_sequences = int(mask.sum()) + 5, 9
+    loss, stats = alg.kl_loss(
+        lp, ref, mask, n_tokens, estimator, aggregation=aggregation, num_sequences=n_sequences
+    )
+    rows = [
+        [naive_kl(lp[i, j].item(), ref[i, j].item(), estimator) for j in range(s, e)]
+        for i, (s, e) in enumerate(spans)
+    ]
+    expected = naive_aggregate(rows, aggregation, n_tokens, n_sequences)
+    close(loss, expected)
+    close(stats["policy/kl"], expected)
+    assert set(stats) == {"policy/kl"} and not stats["policy/kl"].requires_grad
+
+
+def test_kl_loss_default_k3_gradient_and_padding():
+    mask, spans, field = make_batch(14, b=5, t=8)
+    lp = field(scale=0.5, shift=-2.0)
+    ref = lp + field(scale=0.4)
+    pad = ~mask.bool()
+    # Padding so extreme that k3's exp(-r) overflows there: must not reach loss or grad.
+    lp_bad = lp.masked_fill(pad, -400.0).requires_grad_()
+    ref_bad = ref.masked_fill(pad, 400.0)
+    n = 20
+    loss, _ = alg.kl_loss(lp_bad, ref_bad, mask, n)  # default estimator: k3
+    (grad,) = torch.autograd.grad(loss, lp_bad)
+    # d/d lp of exp(-r) - 1 + r, r = lp - ref, is 1 - exp(-r)
+    expected = [[0.0] * mask.size(1) for _ in spans]
+    ref_loss = 0.0
+    for i, (s, e) in enumerate(spans):
+        for j in range(s, e):
+            r = lp[i, j].item() - ref[i, j].item()
+            expected[i][j] = (1 - math.exp(-r)) / n
+            ref_loss += math.exp(-r) - 1 + r
+    close(grad, expected)
+    close(loss, ref_loss / n)
+
+
+def test_loss_aggregation_arguments_are_checked():
+    x, m = torch.zeros(1, 3), torch.ones(1, 3)
+    assert alg.LOSS_AGGREGATIONS == ("token", "sequence")
+    with pytest.raises(ValueError, match="token.*sequence"):
+        alg.policy_loss(x, x, x, m, 0.2, 3, aggregation="seq-mean")
+    with pytest.raises(ValueError, match="num_sequences"):
+        alg.policy_loss(x, x, x, m, 0.2, 3, aggregation="sequence")
+    with pytest.raises(ValueError, match="num_sequences"):
+        alg.kl_loss(x, x, m, 3, aggregation="sequence", num_sequences=0)
+    with pytest.raises(ValueError, match="num_tokens"):
+        alg.kl_loss(x, x, m, 0)
+    with pytest.raises(ValueError, match="k1.*k2.*k3"):
+        alg.kl_loss(x, x, m, 3, "k5")
+    with pytest.raises(TypeError):
+        alg.policy_loss(x, x, x, m, 0.2, 3, 0.1)  # the new options are keyword-only
+
+
 # ---------------------------------------------------------------- controllers
 
 
