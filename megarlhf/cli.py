@@ -31,8 +31,8 @@ def _add_quickstart(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="data and weights seed (default 0)")
     p.add_argument("--resume", action="store_true", help="continue stages from their latest checkpoints")
     p.add_argument(
-        "--sft-steps", type=int, default=40,
-        help="SFT optimizer steps (default 40: a policy that has the format but often sorts wrongly, so PPO has room)",
+        "--sft-steps", type=int, default=60,
+        help="SFT optimizer steps (default 60: a policy that has the format but often sorts wrongly, so PPO has room)",
     )  # fmt: skip
     p.add_argument("--rm-steps", type=int, default=250, help="reward-model optimizer steps (default 250)")
     p.add_argument("--ppo-steps", type=int, default=50, help="PPO iterations (default 50)")

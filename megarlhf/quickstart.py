@@ -8,7 +8,7 @@ Layer: entry point (called by the CLI). Stages, each a real run directory under
     rm/     reward model initialised from the SFT policy (examples/rm_tiny.yaml)
     ppo/    PPO: actor and reference from sft/, critic from rm/; reward = the task's rule,
             the reward model scored alongside (examples/ppo_tiny.yaml); plots/ppo.png
-SFT stops early (40 steps) on purpose: the policy has the answer format but often sorts
+SFT stops early (60 steps) on purpose: the policy has the answer format but often sorts
 wrongly, which leaves PPO something to improve.
 The configs are the example YAMLs shipped with the repository, with paths pointed at
 --run-dir, so what the quick-start runs is exactly what a user would run by hand.
@@ -42,7 +42,7 @@ def _prepare_data(data_dir: Path, seed: int, is_main: bool) -> Path:
 
 def run_quickstart(
     run_dir: str, tp: int = 1, pp: int = 1, seed: int = 0, resume: bool = False,
-    sft_steps: int = 40, rm_steps: int = 250, ppo_steps: int = 50,
+    sft_steps: int = 60, rm_steps: int = 250, ppo_steps: int = 50,
 ) -> int:  # fmt: skip
     from megarlhf.trainers.ppo import PPOTrainer
     from megarlhf.trainers.rm import RewardModelTrainer
