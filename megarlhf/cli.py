@@ -58,6 +58,7 @@ def _add_selfcheck(sub) -> None:
 STAGES = {
     "sft": ("supervised fine-tuning of the policy", "SFTConfig", "megarlhf.trainers.sft", "SFTTrainer"),
     "rm": ("reward model (Bradley-Terry) training", "RMConfig", "megarlhf.trainers.rm", "RewardModelTrainer"),
+    "dpo": ("direct preference optimisation against a frozen reference", "DPOConfig", "megarlhf.trainers.dpo", "DPOTrainer"),
     "ppo": ("PPO with actor, critic, reference and reward", "PPOConfig", "megarlhf.trainers.ppo", "PPOTrainer"),
 }
 

@@ -4,12 +4,13 @@ from megarlhf.config.errors import ConfigError, DataError
 from megarlhf.config.loader import describe, dump_yaml, load_config
 from megarlhf.config.model import ModelConfig
 from megarlhf.config.ppo import GenerationConfig, PPOAlgoConfig, PPOConfig, RoleLayoutConfig
-from megarlhf.config.stages import RMConfig, SFTConfig
+from megarlhf.config.stages import DPOConfig, RMConfig, SFTConfig
 from megarlhf.config.train import DataConfig, LayoutConfig, OptimConfig, RunConfig
 
 __all__ = [
     "ConfigError",
     "DataConfig",
+    "DPOConfig",
     "DataError",
     "GenerationConfig",
     "LayoutConfig",

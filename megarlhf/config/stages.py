@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from megarlhf.config.errors import ConfigError
 from megarlhf.config.model import ModelConfig
@@ -46,3 +47,35 @@ class RMConfig(SFTConfig):
     """Required reward gap between chosen and rejected (0 = plain Bradley-Terry)."""
     center_rewards_coefficient: float = 0.0
     """Weight of an auxiliary (r_w + r_l)^2 term that keeps rewards centred at 0 (TRL's name)."""
+
+
+@dataclass
+class DPOConfig(SFTConfig):
+    """Direct preference optimisation (Rafailov et al. 2023) against a frozen reference
+    policy: no reward model, no critic, no generation. Data: preference pairs
+    {"prompt","chosen","rejected"}. The reference shares the policy's layout."""
+
+    beta: float = 0.1
+    """Strength of the implicit KL constraint (TRL's beta)."""
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    """sigmoid = DPO, ipo = IPO (Azar et al.), hinge = SLiC-style hinge (TRL's names)."""
+    label_smoothing: float = 0.0
+    """Conservative DPO: the assumed probability that a preference label is flipped
+    (sigmoid loss only)."""
+    rpo_alpha: float = 0.0
+    """RPO: add rpo_alpha x the token-mean NLL of the chosen response (0 = off)."""
+    ref_model_path: str = ""
+    """Checkpoint of the reference policy ('' = init_from, the usual choice)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.init_from:
+            raise ConfigError("init_from is required: the SFT policy DPO starts from (and, by default, its reference)")
+        if self.beta <= 0:
+            raise ConfigError(f"beta = {self.beta}: must be > 0")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"label_smoothing = {self.label_smoothing}: must be in [0, 0.5)")
+        if self.label_smoothing and self.loss_type != "sigmoid":
+            raise ConfigError("label_smoothing applies to loss_type sigmoid only")
+        if self.rpo_alpha < 0:
+            raise ConfigError(f"rpo_alpha = {self.rpo_alpha}: must be >= 0")
