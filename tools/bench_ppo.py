@@ -72,9 +72,7 @@ Differences left in (each side's own behaviour):
     max_grad_norm, and runs actor and critic steps one after the other.
   - TRL scores and trains on every column of its left-padded batch (longest prompt +
     longest response; pads are masked out of attention but still computed); megarlhf
-    to its longest sequence rounded up to a multiple of 8 (41 -> 48 columns here).
-  - the value head's bias: megarlhf's is a parameter; HF's score has none, so it is
-    handed to TRL (--score-bias) as a biased score layer when nonzero.
+    cuts each microbatch to its own longest row (rows grouped by length).
 On a 2-core machine any other load makes 2-thread figures meaningless (a warning is
 printed): run it idle.
 """
@@ -84,7 +82,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import statistics
 import subprocess
@@ -228,19 +225,13 @@ def run_megarlhf(cfg, overrides: list[str], work: Path, env: dict, warmup: int) 
     return out
 
 
-def export_hf(run: Path, out: Path, pad_id: int, log: Path, env: dict) -> float:
-    """megarlhf checkpoint -> HF folder; returns the value head's bias (0 for a policy)."""
+def export_hf(run: Path, out: Path, pad_id: int, log: Path, env: dict) -> None:
+    """megarlhf checkpoint -> HF folder (a reward model's value head is HF's score layer)."""
     cmd = [sys.executable, "tools/convert_megatron_to_hf.py", str(run), str(out), "--pad-token-id", str(pad_id)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-    if proc.returncode == 2 and "bias" in proc.stderr:
-        # A nonzero value-head bias: export without it, and hand it to TRL's score layers
-        # (the converter prints it to 6 significant digits, plenty for a speed comparison).
-        proc = subprocess.run([*cmd, "--drop-score-bias"], cwd=REPO, env=env, capture_output=True, text=True)
     log.write_text(proc.stdout + proc.stderr)
     if proc.returncode:
         sys.exit(f"error: exporting {run} to {out} exited {proc.returncode}; see {log}:\n{proc.stderr[-2000:]}")
-    found = re.search(r"dropping value-head bias (\S+)", proc.stdout)
-    return float(found.group(1)) if found else 0.0
 
 
 def write_prompts(cfg, out: Path) -> int:
@@ -262,13 +253,13 @@ def run_trl(cfg, sft: Path, rm: Path, args, work: Path, env: dict) -> dict:
     tok = load_tokenizer(cfg.data.tokenizer)
     hf = work / "hf"
     export_hf(sft, hf / "sft", tok.pad_id, work / "export_sft.log", env)
-    bias = export_hf(rm, hf / "rm", tok.pad_id, work / "export_rm.log", env)
+    export_hf(rm, hf / "rm", tok.pad_id, work / "export_rm.log", env)
     prompts = work / "trl_prompts.jsonl"
     rows = write_prompts(cfg, prompts)
     ppo, gen, train = cfg.ppo, cfg.generation, cfg.train
     cmd = [
         args.trl_python, str(REPO / "tools" / "trl_ppo_baseline.py"),
-        "--policy", hf / "sft", "--reward", hf / "rm", "--score-bias", repr(bias), "--prompts", prompts,
+        "--policy", hf / "sft", "--reward", hf / "rm", "--prompts", prompts,
         "--iterations", args.iterations, "--warmup", args.warmup,
         "--batch-size", train.global_batch_size, "--micro-batch-size", train.micro_batch_size,
         "--rollout-batch-size", train.global_batch_size,
@@ -285,7 +276,7 @@ def run_trl(cfg, sft: Path, rm: Path, args, work: Path, env: dict) -> dict:
     log = work / "trl_ppo.log"
     rss = run_measured([str(c) for c in cmd], log, env)
     r = json.loads(log.read_text().strip().splitlines()[-1])
-    r.update(peak_rss_mib_wait4=rss, prompts=rows, score_bias=bias)
+    r.update(peak_rss_mib_wait4=rss, prompts=rows)
     return r
 
 

@@ -15,7 +15,8 @@ model.safetensors.index.json) shard by shard, tensor by tensor, and writes
 
 The checkpoint loads at any TP/PP (`init_from=OUT`, or `load_model_weights`). The model
 overrides to use are printed at the end. Supported: Llama, Mistral and Qwen2
-(*ForCausalLM; *ForSequenceClassification with num_labels=1 as a reward model).
+(*ForCausalLM; *ForSequenceClassification with num_labels=1 as a reward model), with
+plain RoPE or Llama 3.1/3.2's 'llama3' RoPE scaling (other rope types are refused).
 Runs on CPU and holds one copy of the model (plus the HF tensors of one shard at most).
 Exit code 2: unsupported architecture or option, a missing tensor or a shape mismatch
 (the message names the config key or tensor and both shapes).

@@ -51,9 +51,6 @@ def parse_args(argv=None):
     p.add_argument("--policy", required=True, help="HF LlamaForCausalLM folder: policy and reference")
     p.add_argument("--reward", required=True, help="HF LlamaForSequenceClassification folder (num_labels=1)")
     p.add_argument("--value", default=None, help="HF folder of the value model (default: --reward)")
-    p.add_argument("--score-bias", type=float, default=0.0,
-                   help="a bias for the score layers of the reward and value models (HF's score has none; "
-                        "nor has megarlhf's value head any more, so 0 unless comparing with an older run)")
     p.add_argument("--prompts", required=True, help='pre-tokenized prompts, JSONL {"input_ids": [...]}')
     p.add_argument("--iterations", type=int, default=10, help="PPO iterations (TRL updates) to run")
     p.add_argument("--warmup", type=int, default=2, help="first iterations left out of the figures")
@@ -114,14 +111,6 @@ def load_models(args):
     heads = []
     for path in (args.reward, args.value or args.reward):
         model = LlamaForSequenceClassification.from_pretrained(path, num_labels=1, **kw)
-        if args.score_bias:
-            # Older megarlhf value heads were Linear(h, 1) with a bias; HF's score has none.
-            # A biased copy gives the same scores and values (and the critic trains its bias).
-            old = model.score
-            model.score = torch.nn.Linear(old.in_features, 1, bias=True, dtype=old.weight.dtype)
-            with torch.no_grad():
-                model.score.weight.copy_(old.weight)
-                model.score.bias.fill_(args.score_bias)
         heads.append(model)
     return policy, reference, heads[0], heads[1]
 

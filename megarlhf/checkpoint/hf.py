@@ -14,6 +14,8 @@ What the mapping encodes:
 - SwiGLU's `linear_fc1` is [gate; up]; HF has gate_proj and up_proj.
 - Megatron's vocabulary is padded to a multiple of make_vocab_size_divisible_by: the
   padded rows are zeros on import and dropped on export (vocab_size stays the true V).
+- RoPE: plain (rope_theta), or Llama 3.1/3.2's 'llama3' scaling, of which Megatron-Core
+  takes only the factor (the other three parameters must be Llama's); the rest is refused.
 - A reward model is HF's *ForSequenceClassification with num_labels = 1: `score.weight`
   [1, h] <-> our value head's `output_layer.weight`. Neither has a bias.
 """
@@ -112,10 +114,7 @@ def model_config_from_hf(
 
     heads, hidden = get("num_attention_heads"), get("hidden_size")
     kv = get("num_key_value_heads") or heads
-    # transformers >= 5 writes rope_parameters (type and theta), older versions rope_scaling.
-    ropes = [hf.get("rope_scaling") or {}, hf.get("rope_parameters") or {}]
-    scaling = {r.get("rope_type", r.get("type", "default")) for r in ropes} - {"default"}
-    theta = float(ropes[1].get("rope_theta", get("rope_theta")))
+    theta, scaling, factor = _rope_from_hf(hf, get)
     checks = [
         (get("hidden_act") == "silu", f"hidden_act = {get('hidden_act')!r}: only 'silu' (SwiGLU) is supported"),
         (not get("mlp_bias"), "mlp_bias = true: MLP biases are not supported"),
@@ -123,8 +122,6 @@ def model_config_from_hf(
          "attention_bias = true: megarlhf has q/k/v biases but no o_proj bias"),
         (get("head_dim") in (None, hidden // heads),
          f"head_dim = {get('head_dim')}: megarlhf needs hidden_size / num_attention_heads = {hidden // heads}"),
-        (not scaling, f"rope scaling {sorted(scaling)}: megarlhf's ModelConfig has no RoPE scaling yet "
-         "(only plain RoPE with rope_theta)"),
         (theta.is_integer(), f"rope_theta = {theta}: Megatron takes an integer RoPE base"),
         ("quantization_config" not in hf, "quantization_config: quantized checkpoints are not supported"),
         (head == "lm" or len(hf.get("id2label") or {0: 0}) == 1 and hf.get("num_labels", 1) == 1,
@@ -149,10 +146,55 @@ def model_config_from_hf(
         arch="llama", num_layers=get("num_hidden_layers"), hidden_size=hidden, num_attention_heads=heads,
         num_query_groups=kv, ffn_hidden_size=get("intermediate_size"), vocab_size=get("vocab_size"),
         make_vocab_size_divisible_by=make_vocab_size_divisible_by, max_seq_length=max_len,
-        rope_theta=theta, norm_eps=get("rms_norm_eps"), tie_embeddings=get("tie_word_embeddings"),
+        rope_theta=theta, rope_scaling=scaling, rope_scaling_factor=factor,
+        norm_eps=get("rms_norm_eps"), tie_embeddings=get("tie_word_embeddings"),
         add_qkv_bias=fam.qkv_bias, params_dtype=dtype,
     )  # fmt: skip
     return HFModel(family, head, config, notes)
+
+
+# Megatron-Core 0.16.1's llama3 RoPE scaling (RotaryEmbedding._apply_scaling) takes only
+# the factor from GPTModel; these three keep Llama 3.1's values.
+LLAMA3_ROPE_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def _rope_from_hf(hf: dict, get) -> tuple[float, str, float]:
+    """config.json -> (rope_theta, rope_scaling, rope_scaling_factor), read the way
+    transformers 5 does; ConversionError for RoPE variants Megatron cannot reproduce."""
+    # transformers >= 5 writes rope_parameters (type, theta and scaling); older versions
+    # rope_scaling (type and scaling) next to a top-level rope_theta. transformers 5 lets
+    # rope_scaling win when a config has both.
+    key = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
+    rope = hf.get(key) or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    theta = float(rope.get("rope_theta", get("rope_theta")))
+    partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        raise ConversionError(f"config.json: partial_rotary_factor = {partial}: megarlhf rotates whole heads (1.0)")
+    if rope_type == "default":
+        return theta, "none", ModelConfig.rope_scaling_factor
+    if rope_type != "llama3":
+        raise ConversionError(
+            f"config.json: {key}.rope_type = {rope_type!r}: Megatron-Core reproduces only 'default' RoPE and "
+            "Llama 3.1's 'llama3' scaling, not linear / dynamic / yarn / longrope"
+        )
+    found = {name: rope.get(name) for name in ("factor", *LLAMA3_ROPE_FIXED)}
+    # transformers' fallback: a top-level original_max_position_embeddings, else max_position_embeddings.
+    if "original_max_position_embeddings" in hf or found["original_max_position_embeddings"] is None:
+        found["original_max_position_embeddings"] = hf.get("original_max_position_embeddings",
+                                                           hf.get("max_position_embeddings"))  # fmt: skip
+    for name, value in found.items():
+        if value is None:
+            raise ConversionError(f"config.json: {key} has no {name!r}, which rope_type 'llama3' needs")
+    for name, fixed in LLAMA3_ROPE_FIXED.items():
+        if float(found[name]) != fixed:
+            raise ConversionError(
+                f"config.json: {key}.{name} = {found[name]}: Megatron-Core's llama3 RoPE scaling fixes "
+                f"{', '.join(f'{k} = {v:g}' for k, v in LLAMA3_ROPE_FIXED.items())} (only the factor is free)"
+            )
+    if float(found["factor"]) < 1.0:
+        raise ConversionError(f"config.json: {key}.factor = {found['factor']}: llama3 RoPE scaling needs >= 1")
+    return theta, "llama3", float(found["factor"])
 
 
 def hf_config(cfg: ModelConfig, family: str, head: Head, *, base: dict | None = None,
@@ -178,10 +220,13 @@ def hf_config(cfg: ModelConfig, family: str, head: Head, *, base: dict | None = 
         head_dim=cfg.hidden_size // cfg.num_attention_heads, vocab_size=cfg.vocab_size,
         max_position_embeddings=max(out.get("max_position_embeddings", 0), cfg.max_seq_length),
         rms_norm_eps=cfg.norm_eps, hidden_act="silu", tie_word_embeddings=cfg.tie_embeddings,
-        # transformers < 5 reads rope_theta, >= 5 rope_parameters.
-        rope_theta=cfg.rope_theta, rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-        dtype=dtype or cfg.params_dtype,
+        rope_theta=cfg.rope_theta, dtype=dtype or cfg.params_dtype,
     )  # fmt: skip
+    # transformers < 5 reads rope_theta and rope_scaling, >= 5 rope_parameters.
+    out["rope_parameters"] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling == "llama3":
+        out["rope_scaling"] = {"rope_type": "llama3", "factor": cfg.rope_scaling_factor, **LLAMA3_ROPE_FIXED}
+        out["rope_parameters"] = {**out["rope_scaling"], "rope_theta": cfg.rope_theta}
     if family == "llama":
         out.update(attention_bias=False, mlp_bias=False)
     if family == "mistral":  # transformers' default is a 4096-token window; ours is full attention
@@ -196,15 +241,19 @@ def hf_config(cfg: ModelConfig, family: str, head: Head, *, base: dict | None = 
 def model_overrides(cfg: ModelConfig) -> list[str]:
     """The `model.*=...` overrides that build `cfg` (printed by the converter)."""
     keep = ("arch", "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
-            "vocab_size", "make_vocab_size_divisible_by", "max_seq_length", "rope_theta", "norm_eps",
-            "tie_embeddings", "add_qkv_bias", "params_dtype")  # fmt: skip
+            "vocab_size", "make_vocab_size_divisible_by", "max_seq_length", "rope_theta", "rope_scaling",
+            "norm_eps", "tie_embeddings", "add_qkv_bias", "params_dtype")  # fmt: skip
+    if cfg.rope_scaling != "none":
+        keep += ("rope_scaling_factor",)
     return [f"model.{f.name}={getattr(cfg, f.name)}" for f in fields(cfg) if f.name in keep]
 
 
 def mismatched_overrides(cfg: ModelConfig, hf_cfg: ModelConfig) -> list[str]:
     """Overrides that would make `cfg` take `hf_cfg`'s weights ([] when it already can)."""
-    same = ("arch", "num_layers", "hidden_size", "num_attention_heads", "vocab_size", "rope_theta", "norm_eps",
-            "tie_embeddings", "add_qkv_bias")  # fmt: skip
+    same = ("arch", "num_layers", "hidden_size", "num_attention_heads", "vocab_size", "rope_theta", "rope_scaling",
+            "norm_eps", "tie_embeddings", "add_qkv_bias")  # fmt: skip
+    if hf_cfg.rope_scaling != "none":
+        same += ("rope_scaling_factor",)
     out = [f"model.{k}={getattr(hf_cfg, k)}" for k in same if getattr(cfg, k) != getattr(hf_cfg, k)]
     if cfg.query_groups != hf_cfg.query_groups:
         out.append(f"model.num_query_groups={hf_cfg.query_groups}")

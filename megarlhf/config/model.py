@@ -11,6 +11,7 @@ from typing import Literal
 from megarlhf.config.errors import ConfigError
 
 ARCHITECTURES = ("llama", "gpt")
+ROPE_SCALINGS = ("none", "llama3")
 
 
 @dataclass
@@ -40,6 +41,14 @@ class ModelConfig:
     """Longest sequence (prompt + response) the model sees; sizes learned positions."""
     rope_theta: float = 10000.0
     """RoPE base (llama only)."""
+    rope_scaling: Literal["none", "llama3"] = "none"
+    """RoPE frequency scaling (llama only). 'llama3': Llama 3.1/3.2's (HF rope_type
+    'llama3'): frequencies whose wavelength exceeds 8192 tokens are divided by
+    rope_scaling_factor, those under 2048 kept, those between interpolated. Megatron-Core
+    fixes low_freq_factor = 1, high_freq_factor = 4, original_max_position_embeddings = 8192."""
+    rope_scaling_factor: float = 8.0
+    """With rope_scaling = 'llama3': the factor (HF's rope_scaling.factor; 8 in Llama 3.1,
+    32 in Llama 3.2)."""
     norm_eps: float = 1e-5
     """Epsilon of RMSNorm / LayerNorm."""
     tie_embeddings: bool = False
@@ -84,6 +93,12 @@ class ModelConfig:
         for name in ("hidden_dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"model.{name} = {getattr(self, name)}: must be in [0, 1)")
+        if self.rope_scaling not in ROPE_SCALINGS:
+            raise ConfigError(f"model.rope_scaling = {self.rope_scaling!r}: expected one of {ROPE_SCALINGS}")
+        if self.rope_scaling != "none" and self.arch != "llama":
+            raise ConfigError(f"model.rope_scaling = {self.rope_scaling!r} needs RoPE: set model.arch = 'llama'")
+        if self.rope_scaling_factor < 1.0:
+            raise ConfigError(f"model.rope_scaling_factor = {self.rope_scaling_factor}: must be >= 1")
         if self.arch == "gpt" and self.max_seq_length > 1 << 16:
             raise ConfigError("model.max_seq_length: learned positions above 65536 are not supported")
 

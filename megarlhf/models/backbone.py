@@ -161,6 +161,8 @@ def build_model(cfg: ModelConfig, groups: RoleGroups, head: Head = "lm") -> GPTM
         share_embeddings_and_output_weights=cfg.tie_embeddings and head == "lm",
         position_embedding_type="rope" if cfg.arch == "llama" else "learned_absolute",
         rotary_base=int(cfg.rope_theta),
+        rope_scaling=cfg.rope_scaling == "llama3",
+        rope_scaling_factor=cfg.rope_scaling_factor,
         pg_collection=groups.pgc,
     )
     if head == "value" and groups.is_last_stage:

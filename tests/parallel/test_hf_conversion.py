@@ -2,13 +2,15 @@
 
 Tiny random models are built with transformers from configs (no downloads): Llama with
 GQA (sharded safetensors + index), Qwen2 (q/k/v bias, tied embeddings), Mistral (sliding
-window), and a Llama reward model (LlamaForSequenceClassification). Every weight, norms
-and biases included, is redrawn so that no mapping error can hide behind a zero or a one.
+window), a Llama reward model (LlamaForSequenceClassification), and a Llama with Llama
+3.1's RoPE scaling (rope_type 'llama3'). Every weight, norms and biases included, is
+redrawn so that no mapping error can hide behind a zero or a one.
 - tools/convert_hf_to_megatron.py output loads at TP1, TP2, PP2 and TP2xPP2 and gives
   transformers' logits (float32, max abs diff printed);
 - the trainers' path (`load_hf_weights`: each rank streams its own slice) does too, and
   a checkpoint it saves at TP2xPP2 exports back to exactly the original tensors, which
-  transformers loads;
+  transformers loads; a tied-embedding model's checkpoint round-trips at PP2;
+- with llama3 RoPE scaling, the logits on 128-token sequences match at TP1 and TP2;
 - a reward model scores the same in transformers' LlamaForSequenceClassification (last
   non-pad token) as in megarlhf, also once trained a few steps (TP2 / PP2); a checkpoint
   from when value heads had a bias exports only if that bias is exactly 0;
@@ -93,6 +95,36 @@ def hf_models(tmp_path_factory):
     return out
 
 
+# Llama 3.1's RoPE scaling. Megatron-Core fixes low/high_freq_factor and the original
+# length; the factor is free. On 8 frequencies (head_dim 16) with theta 5e5, 2 lie between
+# the 2048- and 8192-token wavelengths (interpolated) and 2 above (divided by the factor):
+# over 128 tokens that moves transformers' logits by ~0.08, far above ATOL.
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192, "rope_theta": 500000.0}  # fmt: skip
+LONG_TOKENS = torch.randint(1, 250, (2, 128), generator=torch.Generator().manual_seed(2))
+
+
+@pytest.fixture(scope="module")
+def llama3_model(tmp_path_factory):
+    """A Llama 3.1-style model (llama3 RoPE scaling), its HF folder and converted folder,
+    transformers' logits on LONG_TOKENS with and without the scaling, and inv_freq."""
+    root = tmp_path_factory.mktemp("llama3")
+    shape = {**SHAPE, "max_position_embeddings": 16384}
+    torch.manual_seed(7)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**shape, rope_parameters=LLAMA3_ROPE)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(1.0 if "norm" in name else 0.0, 0.1)
+    model.save_pretrained(root / "hf")
+    tool("convert_hf_to_megatron.py", root / "hf", root / "mg")
+    plain_rope = {"rope_type": "default", "rope_theta": LLAMA3_ROPE["rope_theta"]}
+    plain = transformers.LlamaForCausalLM(transformers.LlamaConfig(**shape, rope_parameters=plain_rope)).eval()
+    plain.load_state_dict(model.state_dict())
+    return {"hf": root / "hf", "mg": root / "mg", "logits": hf_output(model, LONG_TOKENS),
+            "plain_logits": hf_output(plain, LONG_TOKENS), "inv_freq": model.model.rotary_emb.inv_freq,
+            "plain_inv_freq": plain.model.rotary_emb.inv_freq}  # fmt: skip
+
+
 # --- worker functions (run on every rank of a harness world) ------------------------------
 def forward(model, g, tokens: torch.Tensor):
     """The model's output [B, T, V'] (LM, vocab gathered over TP) or [B, T, 1] on the last
@@ -113,8 +145,8 @@ def forward(model, g, tokens: torch.Tensor):
     return stats[0]["out"] if stats else None
 
 
-def logits_diff(model, g, cfg: ModelConfig, reference: torch.Tensor):
-    logits = forward(model, g, TOKENS)
+def logits_diff(model, g, cfg: ModelConfig, reference: torch.Tensor, tokens: torch.Tensor = TOKENS):
+    logits = forward(model, g, tokens)
     if logits is None:
         return None
     # The padded vocabulary rows are zero, so their logits are exactly 0.
@@ -129,6 +161,16 @@ def from_checkpoint_case(mg_dir, tp, pp, reference):
     model = build_model(cfg, g, "lm")
     load_model_weights(model, g, mg_dir, "actor")
     return logits_diff(model, g, cfg, reference)
+
+
+def rope_scaling_case(mg_dir, tp, reference, tokens):
+    """Logits against transformers' on long sequences, and the RoPE frequencies."""
+    cfg = load_config(ModelConfig, Path(mg_dir) / "model_config.yaml")
+    g = groups(tp, 1)
+    reseed(11, g)
+    model = build_model(cfg, g, "lm")
+    load_model_weights(model, g, mg_dir, "actor")
+    return logits_diff(model, g, cfg, reference, tokens), model.rotary_pos_emb.inv_freq
 
 
 def from_hf_case(hf_dir, save_dir, tp, pp, reference):
@@ -198,6 +240,25 @@ def test_converted_checkpoint_tp2_pp2(world4, hf_models, family):
     diff = _max(world4.run(from_checkpoint_case, str(mg_dir), 2, 2, reference))
     print(f"{family} tp2 pp2: max |logits - transformers| = {diff:.2e}")
     assert diff <= ATOL
+
+
+def test_llama3_rope_scaling_gives_transformers_logits(world2, llama3_model, tmp_path):
+    ref = llama3_model
+    changed = ref["inv_freq"] != ref["plain_inv_freq"]
+    assert changed.sum() == 4, ref["inv_freq"]  # the scaling matters on these sequences:
+    assert (ref["logits"] - ref["plain_logits"]).abs().max() > 100 * ATOL
+    for tp in (1, 2):
+        results = world2.run(rope_scaling_case, str(ref["mg"]), tp, ref["logits"], LONG_TOKENS)
+        diff = _max(d for d, _ in results)
+        print(f"llama3 rope scaling tp{tp}: max |logits - transformers| = {diff:.2e}")
+        assert diff <= ATOL
+        for _, inv_freq in results:
+            torch.testing.assert_close(inv_freq, ref["inv_freq"], rtol=1e-6, atol=0)
+    # ... and back: config.json carries the scaling, transformers gives the same logits.
+    tool("convert_megatron_to_hf.py", ref["mg"], tmp_path / "back")
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
+    assert loaded.config.rope_parameters["rope_type"] == "llama3"
+    assert torch.equal(hf_output(loaded, LONG_TOKENS), ref["logits"])
 
 
 def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -315,14 +376,17 @@ def test_shape_mismatch_and_unsupported_architecture_exit_2(hf_models, tmp_path)
 
 def tied_pp_round_trip_case(mg_dir, run_dir):
     """Qwen2 (tied embeddings) at PP2 x DP2, where the last stage holds a copy of the
-    embedding as its output layer: a training checkpoint (model + optimizer) of it, then
-    its logits from fresh models that load it at PP2 (weights only and a full resume) and
-    at TP2, and from a fresh model before loading (to show the loads changed something)."""
+    embedding as its output layer: one training step (which must keep the copy in sync),
+    a training checkpoint (model + optimizer), then the logits of fresh models that load it
+    at PP2 (weights only, and a full resume) and at TP2, and of a fresh model before
+    loading (to show that the loads changed something)."""
     cfg = load_config(ModelConfig, Path(mg_dir) / "model_config.yaml")
     g = groups(1, 2)
     reseed(14, g)
-    engine = TrainEngine(build_model(cfg, g, "lm"), g, OptimConfig(), max_steps=1)
+    engine = TrainEngine(build_model(cfg, g, "lm"), g, OptimConfig(learning_rate=1e-2), max_steps=1)
     load_model_weights(engine.module, g, mg_dir, "actor")
+    mb = {"tokens": TOKENS, "position_ids": torch.arange(TOKENS.shape[1]).expand_as(TOKENS).contiguous()}
+    engine.train_step([mb], lambda output, mb: (output.float().square().mean(), {}))
     out = {"saved": forward(engine.module, g, TOKENS)}
     save_checkpoint(run_dir, 1, {"actor": engine}, {}, keep=1)
 

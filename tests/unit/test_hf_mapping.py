@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from megarlhf.checkpoint import hf
-from megarlhf.config import ModelConfig
+from megarlhf.config import ConfigError, ModelConfig
 from megarlhf.parallel.weights import shard_tensor
 
 LLAMA = {
@@ -20,6 +20,9 @@ LLAMA = {
     "max_position_embeddings": 128, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
     "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}, "hidden_act": "silu", "dtype": "float32",
 }  # fmt: skip
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192, "rope_theta": 500000.0}  # fmt: skip
 
 
 def naive_fuse(q, k, v, nq, ng):
@@ -114,6 +117,35 @@ def test_config_mapping_both_ways():
     assert hf.model_config_from_hf(legacy).config.rope_theta == 1e6
 
 
+def test_llama3_rope_scaling_maps_both_ways():
+    # Llama 3.2's config.json as transformers < 5 wrote it: rope_scaling + top-level rope_theta.
+    scaling = {k: v for k, v in LLAMA3_ROPE.items() if k != "rope_theta"} | {"factor": 32.0}
+    legacy = {k: v for k, v in LLAMA.items() if k != "rope_parameters"}
+    legacy |= {"rope_theta": 500000.0, "max_position_embeddings": 131072, "rope_scaling": scaling}
+    cfg = hf.model_config_from_hf(legacy).config
+    assert (cfg.rope_theta, cfg.rope_scaling, cfg.rope_scaling_factor) == (500000.0, "llama3", 32.0)
+    assert "model.rope_scaling=llama3" in hf.model_overrides(cfg)
+    assert "model.rope_scaling_factor=32.0" in hf.model_overrides(cfg)
+    # transformers >= 5: rope_parameters; original_max_position_embeddings defaults as there
+    current = {**LLAMA, "max_position_embeddings": 8192,
+               "rope_parameters": {k: v for k, v in LLAMA3_ROPE.items() if k != "original_max_position_embeddings"}}
+    assert hf.model_config_from_hf(current).config.rope_scaling_factor == 8.0
+    out = hf.hf_config(cfg, "llama", "lm")
+    assert out["rope_parameters"] == {**LLAMA3_ROPE, "factor": 32.0}
+    assert out["rope_scaling"] == scaling
+    assert hf.model_config_from_hf(out).config == cfg
+    plain = ModelConfig(**{**cfg.__dict__, "rope_scaling": "none", "rope_scaling_factor": 8.0})
+    assert "rope_scaling" not in hf.hf_config(plain, "llama", "lm", base=legacy)
+    assert hf.mismatched_overrides(plain, cfg) == ["model.rope_scaling=llama3", "model.rope_scaling_factor=32.0"]
+
+
+def test_rope_scaling_needs_rope():
+    with pytest.raises(ConfigError, match="model.rope_scaling = 'llama3' needs RoPE"):
+        ModelConfig(arch="gpt", rope_scaling="llama3")
+    with pytest.raises(ConfigError, match="model.rope_scaling_factor = 0.5"):
+        ModelConfig(rope_scaling="llama3", rope_scaling_factor=0.5)
+
+
 def test_mistral_sliding_window_caps_sequence_length():
     got = hf.model_config_from_hf(
         {**LLAMA, "architectures": ["MistralForCausalLM"], "model_type": "mistral", "sliding_window": 32}
@@ -129,8 +161,17 @@ def test_mistral_sliding_window_caps_sequence_length():
     [
         ({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}, "GPT2LMHeadModel"),
         ({"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3"}, "Qwen3ForCausalLM"),
-        ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "rope_theta": 5e5}}, "llama3"),
-        ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "linear"),
+        ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling.rope_type = 'linear'"),
+        ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 5e5}}, "'dynamic'"),
+        ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 5e5}}, "'yarn'"),
+        ({"rope_parameters": {**LLAMA3_ROPE, "low_freq_factor": 2.0}}, r"rope_parameters\.low_freq_factor = 2\.0"),
+        ({"rope_parameters": {**LLAMA3_ROPE, "high_freq_factor": 8.0}}, r"high_freq_factor = 8\.0"),
+        ({"rope_scaling": {**LLAMA3_ROPE, "original_max_position_embeddings": 4096}},
+         "rope_scaling.original_max_position_embeddings = 4096"),
+        ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "rope_theta": 5e5}}, "no 'low_freq_factor'"),
+        ({"rope_parameters": {k: v for k, v in LLAMA3_ROPE.items() if k != "factor"}}, "no 'factor'"),
+        ({"rope_parameters": {**LLAMA3_ROPE, "factor": 0.5}}, "factor = 0.5"),
+        ({"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
         ({"head_dim": 32}, "head_dim"),
         ({"hidden_act": "gelu"}, "hidden_act"),
         ({"attention_bias": True}, "o_proj"),
