@@ -18,6 +18,8 @@ import socket
 import traceback
 from typing import Any, Callable
 
+import psutil
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -116,5 +118,15 @@ class World:
                 p.join(timeout=20)
         for p in self.procs:
             if p.is_alive():
+                # A rank's own children (dist_checkpointing's async writers) die with it.
+                try:
+                    children = psutil.Process(p.pid).children(recursive=True)
+                except psutil.NoSuchProcess:
+                    children = []
                 p.kill()
                 p.join()
+                for child in children:
+                    try:
+                        child.kill()
+                    except psutil.NoSuchProcess:
+                        pass
