@@ -1,6 +1,6 @@
 """Masked statistics, reward shaping and generalised advantage estimation.
 
-Layer: algorithms/ (pure torch; no config objects, no process groups, no `.item()`).
+Layer: algorithms/ (pure torch; no config objects, no process groups, no host syncs).
 
 Conventions. Tensors are [B, T] and aligned to token position: index t holds the quantity
 for token t (its reward, its value V(s_t) of the state before token t was generated).

@@ -1,6 +1,6 @@
 """Critic-free advantage estimators: group-relative (GRPO, Dr. GRPO, RLOO) and REINFORCE++.
 
-Layer: algorithms/ (pure torch; no config objects, no process groups, no `.item()`).
+Layer: algorithms/ (pure torch; no config objects, no process groups, no host syncs).
 
 Group layout. Sequence scores are [B] with B = num_prompts * num_generations, the
 `num_generations` samples of one prompt on consecutive rows (TRL's GRPOTrainer layout;

@@ -1,6 +1,6 @@
 """PPO policy and value losses, entropy bonus and the SFT (PPO-ptx) term.
 
-Layer: algorithms/ (pure torch; no config objects, no process groups, no `.item()`).
+Layer: algorithms/ (pure torch; no config objects, no process groups, no host syncs).
 
 Inputs are [B, T], aligned to token position, with a float `mask` (1 = response token).
 Every loss and statistic is `sum over masked tokens / num_tokens`, where `num_tokens`

@@ -1,6 +1,6 @@
 """Direct preference losses (DPO, cDPO, IPO, hinge/SLiC) and the RPO NLL term.
 
-Layer: algorithms/ (pure torch; no config objects, no process groups, no `.item()`).
+Layer: algorithms/ (pure torch; no config objects, no process groups, no host syncs).
 
 Inputs are per-sequence log-probabilities, [B] with one entry per preference pair: the
 trainer reduces its [B, T] token log-probs over each response with `sequence_logps` (sum,

@@ -129,17 +129,8 @@ def save_checkpoint(
     keep: int,
 ) -> Path:
     """Collective: save `engines` ({role: TrainEngine}) and `trainer_state` at `step`."""
-    root = Path(run_dir) / "checkpoints"
-    final = root / iter_name(step)
-    tmp = root / (iter_name(step) + ".tmp")
+    root, tmp, final = _start_save(run_dir, step, ["rng", *engines])
     rank = dist.get_rank()
-    if rank == 0:
-        if tmp.exists():
-            shutil.rmtree(tmp)  # left over from a crash during an earlier save
-        (tmp / "rng").mkdir(parents=True)
-        for role in engines:
-            (tmp / role).mkdir()
-    dist.barrier()
     for role, engine in engines.items():
         model_sd = _model_state(engine.module, engine.groups)
         state = {
@@ -153,6 +144,21 @@ def save_checkpoint(
         torch.save({**trainer_state, "step": step, "schedulers": schedulers}, tmp / "trainer_state.pt")
     _publish(root, tmp, final, keep)
     return final
+
+
+def _start_save(run_dir: str | Path, step: int, subdirs: list[str]) -> tuple[Path, Path, Path]:
+    """Collective: rank 0 makes a fresh `iter_N.tmp/` with `subdirs`; returns (checkpoints
+    root, tmp, final)."""
+    root = Path(run_dir) / "checkpoints"
+    final = root / iter_name(step)
+    tmp = root / (iter_name(step) + ".tmp")
+    if dist.get_rank() == 0:
+        if tmp.exists():
+            shutil.rmtree(tmp)  # left over from a crash during an earlier save
+        for sub in subdirs:
+            (tmp / sub).mkdir(parents=True)
+    dist.barrier()
+    return root, tmp, final
 
 
 def _publish(root: Path, tmp: Path, final: Path, keep: int | None) -> None:
@@ -232,15 +238,8 @@ def save_model_weights(
     trainers' `init_from` read it at any TP/PP. trainer_state.pt holds {"step", "source"};
     `run_dir/model_config.yaml` records the ModelConfig to build the model with.
     """
-    root = Path(run_dir) / "checkpoints"
-    final = root / iter_name(step)
-    tmp = root / (iter_name(step) + ".tmp")
+    root, tmp, final = _start_save(run_dir, step, [role])
     rank = dist.get_rank()
-    if rank == 0:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        (tmp / role).mkdir(parents=True)
-    dist.barrier()
     dist_checkpointing.save({"model": _model_state(model, groups)}, str(tmp / role))
     if rank == 0:
         torch.save({"step": step, "source": source}, tmp / "trainer_state.pt")
