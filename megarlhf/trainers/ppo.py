@@ -57,7 +57,7 @@ from megarlhf.checkpoint.dist_ckpt import (
     save_checkpoint,
 )
 from megarlhf.config import ConfigError, ModelConfig, PPOConfig
-from megarlhf.data import ChatTemplate, PromptDataset, SFTDataset, ShardedSampler, collate_sft, load_tokenizer
+from megarlhf.data import ChatTemplate, PromptDataset, SFTDataset, ShardedSampler, load_tokenizer
 from megarlhf.engine.engine import TrainEngine
 from megarlhf.engine.schedule import run_microbatches
 from megarlhf.models.backbone import build_model
@@ -67,6 +67,7 @@ from megarlhf.parallel.collect import gather_rows, is_row_owner, shard_rows
 from megarlhf.parallel.refit import WeightRefit
 from megarlhf.rollout import GenerationEngine, SamplingParams
 from megarlhf.rollout.rewards import load_reward_fn
+from megarlhf.trainers.ppo_batches import cut_microbatches, length_multiple, ptx_microbatches, rollout_batch
 from megarlhf.trainers.rm import sequence_scores
 from megarlhf.trainers.run import RunDir
 
@@ -369,30 +370,14 @@ class PPOTrainer:
         return self.rollout_batch(both[..., 0].long().cpu(), both[..., 1].float().cpu(), items)
 
     def rollout_batch(self, tokens: torch.Tensor, mask: torch.Tensor, items: list[dict]) -> dict[str, torch.Tensor]:
-        """tokens [N, T] (prompt, response, pad) and the response mask -> the batch PPO
-        works on: lengths, last-token index, EOS flags; columns trimmed to what is used."""
-        prompt_lengths = torch.tensor([len(it["prompt_ids"]) for it in items])
-        response_lengths = mask.sum(1).long()
-        lengths = prompt_lengths + response_lengths
-        last = lengths - 1
-        finished = tokens.gather(1, last.unsqueeze(1)).squeeze(1) == self.tokenizer.eos_id
-        # Enough columns for every role's rounded microbatch length (see _length_multiple).
-        multiple = math.lcm(*(self._length_multiple(g) for g in self.ctx.roles.values()))
-        t = -(-int(lengths.max()) // multiple) * multiple
-        if t > self.cfg.model.max_seq_length:
-            t = int(lengths.max())
-        if t > tokens.shape[1]:
-            tokens = F.pad(tokens, (0, t - tokens.shape[1]), value=self.tokenizer.pad_id)
-            mask = F.pad(mask, (0, t - mask.shape[1]))
-        return {
-            "tokens": tokens[:, :t].contiguous(),
-            "mask": mask[:, :t].contiguous(),
-            "prompt_lengths": prompt_lengths,
-            "response_lengths": response_lengths,
-            "lengths": lengths,
-            "last_index": last,
-            "finished": finished,
-        }
+        """tokens [N, T] (prompt, response, pad) + response mask -> the batch PPO works on,
+        with enough columns for every role's rounded microbatch length."""
+        return rollout_batch(
+            tokens, mask, torch.tensor([len(it["prompt_ids"]) for it in items]),
+            eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id,
+            multiple=math.lcm(*(self._length_multiple(g) for g in self.ctx.roles.values())),
+            max_seq_length=self.cfg.model.max_seq_length,
+        )  # fmt: skip
 
     # --- score ---------------------------------------------------------------------------
     def _forward_rows(self, model, groups: RoleGroups, batch, per_token, trailing: tuple[int, ...]) -> torch.Tensor:
@@ -490,54 +475,15 @@ class PPOTrainer:
 
     # --- train ---------------------------------------------------------------------------
     def _length_multiple(self, groups: RoleGroups) -> int:
-        """Sequence lengths are rounded up to this: 8 on GPU (kernel shapes), x TP under
-        sequence parallelism (T is split over TP ranks), 1 otherwise."""
-        sp = self.cfg.model.sequence_parallel and groups.layout.tp > 1
-        return math.lcm(8 if torch.cuda.is_available() else 1, groups.layout.tp if sp else 1)
+        return length_multiple(groups, self.cfg.model.sequence_parallel)
 
-    def _microbatches(
-        self, batch, rows: list[int], extra: dict[str, torch.Tensor], groups: RoleGroups, min_length: int = 0
-    ) -> list[dict[str, torch.Tensor]]:
-        """This DP rank's `rows` -> microbatches of micro_batch_size, each cut to the
-        columns it uses (no compute on padding beyond each microbatch's longest row).
-
-        Without pipeline parallelism rows are grouped by length (longest first), so each
-        microbatch is about as short as it can be; the sums over rows, and so the
-        gradients, are unchanged. Pipeline stages exchange fixed-size activations, so under
-        PP every microbatch keeps the step's longest length. `slot` = each row's position
-        in `rows`, to put outputs back in order. `extra` holds more [N, T] / [N] tensors.
-        Under PP, `min_length` pads to at least that (the ptx microbatches' length).
-        """
-        mbs = self.cfg.train.micro_batch_size
-        lengths = batch["lengths"][rows].tolist()
-        full_t = batch["tokens"].shape[1]
-        order = list(range(len(rows)))
-        if groups.layout.pp == 1:
-            order.sort(key=lambda i: -lengths[i])
-        multiple = self._length_multiple(groups)
-        out = []
-        for k in range(0, len(order), mbs):
-            slots = order[k : k + mbs]
-            longest = max(lengths[i] for i in slots) if groups.layout.pp == 1 else max(max(lengths), min_length)
-            t = -(-longest // multiple) * multiple
-            if t > full_t and longest <= full_t:
-                t = full_t
-            idx = torch.tensor([rows[i] for i in slots])
-            per_row = {"last_index": batch["last_index"], **extra}
-
-            def cols(v, pad=0):
-                v = v[idx, :t]
-                return F.pad(v, (0, t - v.shape[1]), value=pad) if v.shape[1] < t else v
-
-            mb = {
-                "tokens": cols(batch["tokens"], self.tokenizer.pad_id),
-                "position_ids": torch.arange(t).expand(len(idx), t).contiguous(),
-                "mask": cols(batch["mask"]),
-                **{name: (cols(v) if v.dim() == 2 else v[idx]) for name, v in per_row.items()},
-                "slot": torch.tensor(slots),
-            }
-            out.append({name: v.to(self.device) for name, v in mb.items()})
-        return out
+    def _microbatches(self, batch, rows: list[int], extra, groups: RoleGroups, min_length: int = 0):
+        """This DP rank's `rows` at `groups`' layout -> microbatches (ppo_batches.cut_microbatches)."""
+        return cut_microbatches(
+            batch, rows, extra, micro_batch_size=self.cfg.train.micro_batch_size, pipelined=groups.layout.pp > 1,
+            multiple=self._length_multiple(groups), pad_id=self.tokenizer.pad_id, device=self.device,
+            min_length=min_length,
+        )  # fmt: skip
 
     def actor_loss(self, output, mb, n, n_ptx=None):
         """Clipped policy loss (+ entropy bonus) on a rollout microbatch, or ptx_coef x the
@@ -559,21 +505,6 @@ class PPOTrainer:
         if self.ptx_data is not None:
             stats["ptx/loss"] = zero
         return loss, stats
-
-    def ptx_microbatches(self, items: list[dict], length: int | None) -> tuple[list[dict[str, torch.Tensor]], torch.Tensor]:
-        """A ptx batch (`items`, the same on every rank) -> this actor DP rank's
-        microbatches and the global number of SFT target tokens. `length` forces one
-        length on every microbatch (pipeline parallelism); None = each its longest row."""
-        groups, mbs = self.ctx["actor"], self.cfg.train.micro_batch_size
-        n_ptx = torch.stack([it["loss_mask"].sum() for it in items]).sum().clamp(min=1).to(self.device)
-        mine = [items[i] for i in shard_rows(len(items), groups)]
-        out = []
-        for k in range(0, len(mine), mbs):
-            chunk = mine[k : k + mbs]
-            mb = collate_sft(chunk, length or max(len(it["input_ids"]) for it in chunk), self.tokenizer.pad_id)
-            mb = {"tokens": mb["tokens"], "position_ids": mb["position_ids"], "ptx_mask": mb["loss_mask"]}
-            out.append({name: v.to(self.device) for name, v in mb.items()})
-        return out, n_ptx
 
     def critic_loss(self, output, mb, n):
         values = _shift(output[..., 0].float()[:, :-1])
@@ -621,7 +552,10 @@ class PPOTrainer:
             longest = max(int(batch["lengths"][minibatch].max()), *(len(it["input_ids"]) for it in items))
             multiple = self._length_multiple(groups)
             step_t = -(-longest // multiple) * multiple
-        ptx_mbs, n_ptx = self.ptx_microbatches(items, step_t)
+        ptx_mbs, n_ptx = ptx_microbatches(
+            items, groups, micro_batch_size=self.cfg.train.micro_batch_size, pad_id=self.tokenizer.pad_id,
+            device=self.device, length=step_t,
+        )  # fmt: skip
         return self._microbatches(batch, mine, extra, groups, min_length=step_t or 0) + ptx_mbs, n_ptx
 
     # --- evaluation, checkpoints, the loop -----------------------------------------------
