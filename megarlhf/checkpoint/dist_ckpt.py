@@ -83,6 +83,19 @@ def checkpoint_model_config(path: str | Path) -> ModelConfig:
     )
 
 
+def resume_checkpoint(resume: str | None, run_dir: str | Path) -> Path | None:
+    """`--resume`: None -> None; 'auto' -> run_dir's latest checkpoint, or None when there
+    is none yet (a fresh run); anything else -> that checkpoint (CheckpointError if absent)."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        try:
+            return resolve_checkpoint(run_dir)
+        except CheckpointError:
+            return None
+    return resolve_checkpoint(resume)
+
+
 def latest_step(run_dir: str | Path) -> int | None:
     """Step of the newest complete checkpoint under run_dir, or None."""
     try:

@@ -17,14 +17,19 @@ import torch
 
 from megarlhf.algorithms import dpo_loss, rpo_term, sequence_logps
 from megarlhf.checkpoint.dist_ckpt import load_model_weights
-from megarlhf.data import PreferenceDataset, collate_preference
+from megarlhf.data import collate_preference
 from megarlhf.engine.schedule import run_microbatches
 from megarlhf.models.backbone import build_model
 from megarlhf.models.logprobs import logprobs_and_entropy
+from megarlhf.trainers.rm import RewardModelTrainer
 from megarlhf.trainers.supervised import SupervisedTrainer
 
 
 class DPOTrainer(SupervisedTrainer):
+    # Preference pairs, read and measured as for the reward model.
+    load_dataset = RewardModelTrainer.load_dataset
+    sample_length = RewardModelTrainer.sample_length
+
     role, head, stage = "actor", "lm", "dpo"
     postfix_keys = ("loss", "rewards/accuracies")
 
@@ -37,16 +42,6 @@ class DPOTrainer(SupervisedTrainer):
         load_model_weights(self.reference, self.groups, path, "actor")
         self.reference.requires_grad_(False)
         self.reference.eval()
-
-    def load_dataset(self, path: str, progress: bool) -> PreferenceDataset:
-        d = self.cfg.data
-        return PreferenceDataset(
-            path, self.tokenizer, self.template, max_length=d.max_length,
-            truncation=d.truncation, on_error=d.on_error, progress=progress,
-        )  # fmt: skip
-
-    def sample_length(self, item) -> int:
-        return max(len(item["chosen_ids"]), len(item["rejected_ids"]))
 
     def _row_logps(self, output: torch.Tensor, mb) -> torch.Tensor:
         """[2B] summed log-probs of each row's response tokens."""

@@ -49,11 +49,11 @@ from megarlhf.algorithms import (
     value_loss,
 )
 from megarlhf.checkpoint.dist_ckpt import (
-    CheckpointError,
     checkpoint_model_config,
     load_checkpoint,
     load_model_weights,
     resolve_checkpoint,
+    resume_checkpoint,
     save_checkpoint,
 )
 from megarlhf.config import ConfigError, ModelConfig, PPOConfig
@@ -141,7 +141,7 @@ class PPOTrainer:
         self.moments = RunningMoments()
 
         self.step = 0
-        resume_from = self._resume_path(resume)
+        resume_from = resume_checkpoint(resume, cfg.train.run_dir)
         self.run = RunDir(cfg.train.run_dir, cfg, is_main=self.ctx.is_main, resume=resume_from is not None)
         if resume_from is not None:
             state = load_checkpoint(resume_from, {"actor": self.actor, "critic": self.critic})
@@ -256,15 +256,6 @@ class PPOTrainer:
                 f"{self.vocab_size} ({self.cfg.data.tokenizer})"
             )
 
-    def _resume_path(self, resume: str | None) -> Path | None:
-        if resume is None:
-            return None
-        if resume == "auto":
-            try:
-                return resolve_checkpoint(self.cfg.train.run_dir)
-            except CheckpointError:
-                return None
-        return resolve_checkpoint(resume)
 
     # --- one PPO iteration ---------------------------------------------------------------
     def iteration(self) -> dict[str, float]:

@@ -17,10 +17,10 @@ import torch
 import torch.distributed as dist
 
 from megarlhf.checkpoint.dist_ckpt import (
-    CheckpointError,
     load_checkpoint,
     load_model_weights,
     resolve_checkpoint,
+    resume_checkpoint,
     save_checkpoint,
     save_model_weights,
 )
@@ -69,7 +69,7 @@ class SupervisedTrainer:
         self.device = next(model.parameters()).device
 
         self.step = 0
-        resume_from = self._resume_path(resume)
+        resume_from = resume_checkpoint(resume, cfg.train.run_dir)
         self.run = RunDir(cfg.train.run_dir, cfg, is_main=self.ctx.is_main, resume=resume_from is not None)
         if resume_from is not None:
             state = load_checkpoint(resume_from, {self.role: self.engine})
@@ -216,15 +216,6 @@ class SupervisedTrainer:
         )
         self.run.say(f"saved checkpoint {path}")
 
-    def _resume_path(self, resume: str | None) -> Path | None:
-        if resume is None:
-            return None
-        if resume == "auto":
-            try:
-                return resolve_checkpoint(self.cfg.train.run_dir)
-            except CheckpointError:
-                return None  # nothing to resume: a fresh run
-        return resolve_checkpoint(resume)
 
     def _init_weights(self, model: torch.nn.Module, path: str) -> None:
         if path.startswith("hf:"):

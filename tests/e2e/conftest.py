@@ -37,3 +37,16 @@ def data_overrides(task_data, train: str, eval_: str | None = None) -> list[str]
     if eval_:
         out.append(f"data.eval_file={task_data[eval_]}")
     return out
+
+
+@pytest.fixture(scope="session")
+def weak_sft(task_data, tmp_path_factory) -> Path:
+    """A 40-step SFT policy: it answers in the right format but often sorts wrongly, which
+    leaves PPO and DPO something to improve."""
+    run_dir = tmp_path_factory.mktemp("sft40") / "run"
+    out = megarlhf(
+        "sft", "--config", "examples/sft_tiny.yaml", *data_overrides(task_data, "sft"), "data.eval_file=",
+        f"train.run_dir={run_dir}", "train.max_steps=40", "train.seed=0",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-4000:]
+    return run_dir

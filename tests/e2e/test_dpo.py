@@ -10,26 +10,14 @@ import pytest
 from tests.e2e.conftest import data_overrides, megarlhf
 from tests.e2e.test_sft_rm import metrics
 
-SFT = "examples/sft_tiny.yaml"
 DPO = "examples/dpo_tiny.yaml"
 
 
-@pytest.fixture(scope="module")
-def sft40(task_data, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("sft40_dpo") / "run"
-    out = megarlhf(
-        "sft", "--config", SFT, *data_overrides(task_data, "sft"), "data.eval_file=",
-        f"train.run_dir={run_dir}", "train.max_steps=40", "train.seed=0",
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr[-4000:]
-    return run_dir
-
-
-def test_dpo_implicit_reward_ranks_heldout_pairs(task_data, sft40, tmp_path):
+def test_dpo_implicit_reward_ranks_heldout_pairs(task_data, weak_sft, tmp_path):
     run_dir = tmp_path / "dpo"
     out = megarlhf(
         "dpo", "--config", DPO, *data_overrides(task_data, "prefs_train", "prefs_test"),
-        f"init_from={sft40}", f"train.run_dir={run_dir}", "train.max_steps=60", "train.eval_steps=60",
+        f"init_from={weak_sft}", f"train.run_dir={run_dir}", "train.max_steps=60", "train.eval_steps=60",
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-4000:]
     rows = metrics(run_dir)
@@ -41,21 +29,21 @@ def test_dpo_implicit_reward_ranks_heldout_pairs(task_data, sft40, tmp_path):
     assert last["eval_loss"] < 0.6, last
 
 
-def test_dpo_bad_configs_exit_2(task_data, sft40, tmp_path):
+def test_dpo_bad_configs_exit_2(task_data, weak_sft, tmp_path):
     common = ["dpo", "--config", DPO, *data_overrides(task_data, "prefs_train"), f"train.run_dir={tmp_path / 'r'}"]
-    out = megarlhf(*common, f"init_from={sft40}", "beta=0")
+    out = megarlhf(*common, f"init_from={weak_sft}", "beta=0")
     assert out.returncode == 2 and "beta = 0.0: must be > 0" in out.stderr
-    out = megarlhf(*common, f"init_from={sft40}", "loss_type=ipo", "label_smoothing=0.1")
+    out = megarlhf(*common, f"init_from={weak_sft}", "loss_type=ipo", "label_smoothing=0.1")
     assert out.returncode == 2 and "label_smoothing applies to loss_type sigmoid only" in out.stderr
     out = megarlhf(*common, "init_from=")
     assert out.returncode == 2 and "init_from is required" in out.stderr
 
 
-def test_dpo_steps_match_single_rank_at_tp2_pp2_dp2(task_data, sft40, tmp_path):
+def test_dpo_steps_match_single_rank_at_tp2_pp2_dp2(task_data, weak_sft, tmp_path):
     """5 DPO steps (policy and its reference both sharded) give the single-rank losses."""
     common = [
         "dpo", "--config", DPO, *data_overrides(task_data, "prefs_train"), "data.eval_file=",
-        f"init_from={sft40}", "train.max_steps=5", "optim.adam_epsilon=1e-4",
+        f"init_from={weak_sft}", "train.max_steps=5", "optim.adam_epsilon=1e-4",
     ]  # fmt: skip
     out = megarlhf(*common, f"train.run_dir={tmp_path / 'single'}")
     assert out.returncode == 0, out.stderr[-4000:]

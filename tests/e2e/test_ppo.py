@@ -12,20 +12,7 @@ import torch
 from tests.e2e.conftest import data_overrides, megarlhf
 from tests.e2e.test_sft_rm import checkpoint_tensors, metrics
 
-SFT = "examples/sft_tiny.yaml"
 PPO = "examples/ppo_tiny.yaml"
-
-
-@pytest.fixture(scope="module")
-def weak_sft(task_data, tmp_path_factory):
-    """A 40-step SFT policy: it answers in the right format but often sorts wrongly."""
-    run_dir = tmp_path_factory.mktemp("sft40") / "run"
-    out = megarlhf(
-        "sft", "--config", SFT, *data_overrides(task_data, "sft"), "data.eval_file=",
-        f"train.run_dir={run_dir}", "train.max_steps=40", "train.seed=0",
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr[-4000:]
-    return run_dir
 
 
 def ppo_args(task_data, sft, run_dir, *extra):
