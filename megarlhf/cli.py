@@ -60,6 +60,7 @@ STAGES = {
     "rm": ("reward model (Bradley-Terry) training", "RMConfig", "megarlhf.trainers.rm", "RewardModelTrainer"),
     "dpo": ("direct preference optimisation against a frozen reference", "DPOConfig", "megarlhf.trainers.dpo", "DPOTrainer"),
     "ppo": ("PPO with actor, critic, reference and reward", "PPOConfig", "megarlhf.trainers.ppo", "PPOTrainer"),
+    "grpo": ("GRPO / RLOO / REINFORCE++: critic-free, group-relative advantages", "GRPOConfig", "megarlhf.trainers.grpo", "GRPOTrainer"),
 }
 
 

@@ -3,7 +3,8 @@
 from megarlhf.config.errors import ConfigError, DataError
 from megarlhf.config.loader import describe, dump_yaml, load_config
 from megarlhf.config.model import ModelConfig
-from megarlhf.config.ppo import GenerationConfig, PPOAlgoConfig, PPOConfig, RoleLayoutConfig
+from megarlhf.config.grpo import GRPOAlgoConfig, GRPOConfig
+from megarlhf.config.ppo import GenerationConfig, PPOAlgoConfig, PPOConfig, RoleLayoutConfig, RolloutConfig
 from megarlhf.config.stages import DPOConfig, RMConfig, SFTConfig
 from megarlhf.config.train import DataConfig, LayoutConfig, OptimConfig, RunConfig
 
@@ -13,6 +14,8 @@ __all__ = [
     "DPOConfig",
     "DataError",
     "GenerationConfig",
+    "GRPOAlgoConfig",
+    "GRPOConfig",
     "LayoutConfig",
     "ModelConfig",
     "OptimConfig",
@@ -20,6 +23,7 @@ __all__ = [
     "PPOConfig",
     "RMConfig",
     "RoleLayoutConfig",
+    "RolloutConfig",
     "RunConfig",
     "SFTConfig",
     "describe",

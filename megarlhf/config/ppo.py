@@ -117,45 +117,32 @@ class PPOAlgoConfig:
 
 
 @dataclass
-class PPOConfig:
-    """PPO with an actor, a critic, a frozen reference and a reward (model and/or rule).
-
-    One iteration: generate a response for each of `train.global_batch_size` prompts,
-    score, compute advantages, then `ppo.num_ppo_epochs` x `ppo.num_mini_batches`
-    optimizer steps of the actor and of the critic.
-    """
+class RolloutConfig:
+    """What every online stage (PPO, GRPO) shares: the policy, its frozen reference, the
+    reward (model and/or rule), the rollout engine, data and the run."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     """The policy's shape (actor and reference)."""
     layout: LayoutConfig = field(default_factory=LayoutConfig)
     """The actor's TP/PP."""
-    critic_layout: RoleLayoutConfig = field(default_factory=RoleLayoutConfig)
-    """The critic's TP/PP (0 = the actor's)."""
     reference_layout: RoleLayoutConfig = field(default_factory=RoleLayoutConfig)
     """The frozen reference policy's TP/PP (0 = the actor's)."""
     reward_layout: RoleLayoutConfig = field(default_factory=RoleLayoutConfig)
     """The frozen reward model's TP/PP (0 = the actor's)."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     """The actor's optimizer."""
-    critic_optim: OptimConfig = field(default_factory=OptimConfig)
-    """The critic's optimizer."""
     data: DataConfig = field(default_factory=DataConfig)
     """Tokenizer and prompt files ({"prompt": ...} JSONL); max_length bounds the prompt."""
     train: RunConfig = field(default_factory=RunConfig)
-    """max_steps = PPO iterations; global_batch_size = prompts per iteration;
+    """max_steps = iterations; global_batch_size = prompts per iteration;
     micro_batch_size = sequences per forward/backward."""
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     """Sampling of rollouts."""
-    ppo: PPOAlgoConfig = field(default_factory=PPOAlgoConfig)
-    """The objective."""
     sft_model_path: str = ""
     """Checkpoint of the SFT policy: the actor's and the reference's initial weights."""
     reward_model_path: str = ""
     """Checkpoint of a trained reward model ('' = none). Its shape comes from its run's
-    config; the critic starts from it too unless value_model_path is set."""
-    value_model_path: str = ""
-    """Checkpoint the critic starts from ('' = the reward model, or the SFT policy's body
-    with a fresh value head when there is no reward model)."""
+    config."""
     reward_fn: str = ""
     """Rule-based reward 'module:function' ('' = none), e.g.
     megarlhf.data.synthetic:sort_reward_batch."""
@@ -163,29 +150,22 @@ class PPOConfig:
     """Score = reward_model_weight * RM score + reward_fn_weight * rule score."""
     reward_fn_weight: float = 1.0
     """See reward_model_weight."""
-    ptx_file: str = ""
-    """SFT JSONL ({"prompt","response"} or {"messages"}) for the ppo.ptx_coef term."""
-    ptx_batch_size: int = 0
-    """SFT sequences per actor optimizer step for the ptx term (0 = the PPO minibatch
-    size, global_batch_size / num_mini_batches)."""
     offload_optimizer: bool = False
-    """GPU only: move the actor's and critic's optimizer states and gradient buffers to
-    CPU while generating and scoring (Megatron-Core's offload_to_cpu and
+    """GPU only: move the trainable roles' optimizer states and gradient buffers to CPU
+    while generating and scoring (Megatron-Core's offload_to_cpu and
     offload_grad_buffers), back before training. Ignored without CUDA."""
     offload_frozen: bool = False
     """GPU only: keep the reference and reward models' weights on CPU except while they
     score. Ignored without CUDA."""
     eval_greedy: bool = False
     """Decode held-out prompts (data.eval_file) greedily; default: sample at
-    generation.temperature, i.e. measure the expected reward PPO maximises."""
+    generation.temperature, i.e. measure the expected reward the stage maximises."""
 
     def __post_init__(self):
         if not self.data.tokenizer or not self.data.train_file:
             raise ConfigError("data.tokenizer and data.train_file (prompts) are required")
         if not self.sft_model_path:
             raise ConfigError("sft_model_path is required: the checkpoint of the SFT policy")
-        if self.ppo.ptx_coef and not self.ptx_file:
-            raise ConfigError("ppo.ptx_coef > 0 needs ptx_file (SFT data for the ptx term)")
         if not self.reward_model_path and not self.reward_fn:
             raise ConfigError("no reward: set reward_model_path, reward_fn, or both")
         total = self.data.max_length + self.generation.response_length
@@ -195,6 +175,36 @@ class PPOConfig:
                 f"{self.generation.response_length} = {total} exceeds model.max_seq_length = "
                 f"{self.model.max_seq_length}"
             )
+
+
+@dataclass
+class PPOConfig(RolloutConfig):
+    """PPO with an actor, a critic, a frozen reference and a reward (model and/or rule).
+
+    One iteration: generate a response for each of `train.global_batch_size` prompts,
+    score, compute advantages, then `ppo.num_ppo_epochs` x `ppo.num_mini_batches`
+    optimizer steps of the actor and of the critic.
+    """
+
+    critic_layout: RoleLayoutConfig = field(default_factory=RoleLayoutConfig)
+    """The critic's TP/PP (0 = the actor's)."""
+    critic_optim: OptimConfig = field(default_factory=OptimConfig)
+    """The critic's optimizer."""
+    ppo: PPOAlgoConfig = field(default_factory=PPOAlgoConfig)
+    """The objective."""
+    value_model_path: str = ""
+    """Checkpoint the critic starts from ('' = the reward model, or the SFT policy's body
+    with a fresh value head when there is no reward model)."""
+    ptx_file: str = ""
+    """SFT JSONL ({"prompt","response"} or {"messages"}) for the ppo.ptx_coef term."""
+    ptx_batch_size: int = 0
+    """SFT sequences per actor optimizer step for the ptx term (0 = the PPO minibatch
+    size, global_batch_size / num_mini_batches)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.ppo.ptx_coef and not self.ptx_file:
+            raise ConfigError("ppo.ptx_coef > 0 needs ptx_file (SFT data for the ptx term)")
         if self.train.global_batch_size % self.ppo.num_mini_batches:
             raise ConfigError(
                 f"train.global_batch_size = {self.train.global_batch_size} does not split into "

@@ -98,7 +98,8 @@ class RunConfig:
     """Sequences per forward/backward on one data-parallel rank."""
     global_batch_size: int = 32
     """Sequences per optimizer step over all data-parallel ranks (a multiple of
-    micro_batch_size * dp; the rest is gradient accumulation)."""
+    micro_batch_size * dp; the rest is gradient accumulation). PPO and GRPO: prompts per
+    iteration."""
     logging_steps: int = 10
     """Print a metrics line every this many steps (metrics.jsonl gets every step)."""
     eval_steps: int = 50
@@ -113,11 +114,8 @@ class RunConfig:
             raise ConfigError(f"train.max_steps = {self.max_steps}: must be >= 1")
         if self.micro_batch_size < 1 or self.global_batch_size < 1:
             raise ConfigError("train.micro_batch_size and train.global_batch_size must be >= 1")
-        if self.global_batch_size % self.micro_batch_size:
-            raise ConfigError(
-                f"train.global_batch_size = {self.global_batch_size} is not a multiple of "
-                f"train.micro_batch_size = {self.micro_batch_size}"
-            )
+        # global_batch_size vs micro_batch_size * dp is checked where dp is known (and for
+        # GRPO global_batch_size counts prompts, each with num_generations sequences).
         if self.save_total_limit < 1:
             raise ConfigError("train.save_total_limit must be >= 1")
 

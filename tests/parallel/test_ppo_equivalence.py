@@ -54,11 +54,11 @@ def make_assets(root: str) -> None:
     save_model_weights(build_model(cfg, g, "value"), g, root / "rm", "reward")
 
 
-def fixed_rollouts(trainer, n: int):
-    """The first n prompts, each followed by a random response of 1..12 tokens; about
-    two thirds end in EOS (the rest hit the length limit)."""
+def fixed_rollouts(trainer, n: int, items: list[dict] | None = None):
+    """The first n prompts (or `items`), each followed by a random response of 1..12
+    tokens; about two thirds end in EOS (the rest hit the length limit)."""
     g = torch.Generator().manual_seed(0)
-    items = [trainer.prompts[i] for i in range(n)]
+    items = items or [trainer.prompts[i] for i in range(n)]
     eos, pad = trainer.tokenizer.eos_id, trainer.tokenizer.pad_id
     rows = []
     for i, it in enumerate(items):
