@@ -90,11 +90,14 @@ class GRPOTrainer(RolloutTrainer):
         mask, finished = batch["mask"], batch["finished"]
         ref_logprobs = old_logprobs = None
         with timer("score"), self._frozen_on_device():
-            raw_scores, score_parts = self.score(batch, items)
+            with timer("score/reward"):
+                raw_scores, score_parts = self.score(batch, items)
             if self.reference is not None:
-                ref_logprobs, _ = self.policy_logprobs(self.reference, self.ctx["reference"], batch)
+                with timer("score/reference"):
+                    ref_logprobs, _ = self.policy_logprobs(self.reference, self.ctx["reference"], batch)
             if not self.on_policy:
-                old_logprobs, _ = self.policy_logprobs(self.actor.model, self.ctx["actor"], batch)
+                with timer("score/actor"):
+                    old_logprobs, _ = self.policy_logprobs(self.actor.model, self.ctx["actor"], batch)
 
         with timer("advantages"):
             scores = raw_scores - g.missing_eos_penalty * (~finished).float() if g.missing_eos_penalty else raw_scores

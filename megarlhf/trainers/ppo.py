@@ -134,10 +134,14 @@ class PPOTrainer(RolloutTrainer):
         timer = timer or PhaseTimer()
         mask = batch["mask"]
         with timer("score"), self._frozen_on_device():
-            raw_scores, score_parts = self.score(batch, items)
-            ref_logprobs, _ = self.policy_logprobs(self.reference, self.ctx["reference"], batch)
-            old_logprobs, entropy = self.policy_logprobs(self.actor.model, self.ctx["actor"], batch)
-            old_values = self.values(batch)
+            with timer("score/reward"):
+                raw_scores, score_parts = self.score(batch, items)
+            with timer("score/reference"):
+                ref_logprobs, _ = self.policy_logprobs(self.reference, self.ctx["reference"], batch)
+            with timer("score/actor"):
+                old_logprobs, entropy = self.policy_logprobs(self.actor.model, self.ctx["actor"], batch)
+            with timer("score/critic"):
+                old_values = self.values(batch)
 
         with timer("advantages"):
             scores = self.transform_scores(raw_scores, batch)
@@ -150,7 +154,7 @@ class PPOTrainer(RolloutTrainer):
                 advantages = masked_whiten(advantages, mask)
 
         with timer("train"), self._training():
-            train_stats = self.train_on(batch, old_logprobs, old_values, advantages, returns)
+            train_stats = self.train_on(batch, old_logprobs, old_values, advantages, returns, timer)
 
         seq_kl = kl.sum(1).mean().item()
         kl_coef = self.kl_ctl.value
@@ -214,10 +218,11 @@ class PPOTrainer(RolloutTrainer):
         loss, stats = value_loss(values, mb["old_values"], mb["returns"], mb["mask"], self.cfg.ppo.cliprange_value, n)
         return self.cfg.ppo.vf_coef * loss, stats
 
-    def train_on(self, batch, old_logprobs, old_values, advantages, returns) -> dict[str, float]:
+    def train_on(self, batch, old_logprobs, old_values, advantages, returns, timer: PhaseTimer | None = None) -> dict[str, float]:
         """ppo_epochs x minibatches: one actor and one critic optimizer step per minibatch.
         Minibatches are cut from one permutation per epoch, the same on every rank."""
         cfg, ppo = self.cfg, self.cfg.ppo
+        timer = timer or PhaseTimer()
         n, size = batch["tokens"].shape[0], cfg.mini_batch_size
         sums: dict[str, float] = {}
 
@@ -230,13 +235,15 @@ class PPOTrainer(RolloutTrainer):
             for minibatch in self.minibatches(n, size, ppo.num_mini_batches, epoch):
                 num_tokens = batch["mask"][minibatch].sum().clamp(min=1).to(self.device)
 
-                actor_mbs, n_ptx = self.actor_microbatches(batch, minibatch, {"old_logprobs": old_logprobs, "advantages": advantages})
-                add("actor", self.actor.train_step(actor_mbs, partial(self.actor_loss, n=num_tokens, n_ptx=n_ptx)))
+                with timer("train/actor"):
+                    actor_mbs, n_ptx = self.actor_microbatches(batch, minibatch, {"old_logprobs": old_logprobs, "advantages": advantages})
+                    add("actor", self.actor.train_step(actor_mbs, partial(self.actor_loss, n=num_tokens, n_ptx=n_ptx)))
 
-                critic = self.ctx["critic"]
-                mine = [minibatch[i] for i in shard_rows(size, critic)]
-                critic_mbs = self._microbatches(batch, mine, {"old_values": old_values, "returns": returns}, critic)
-                add("critic", self.critic.train_step(critic_mbs, partial(self.critic_loss, n=num_tokens)))
+                with timer("train/critic"):
+                    critic = self.ctx["critic"]
+                    mine = [minibatch[i] for i in shard_rows(size, critic)]
+                    critic_mbs = self._microbatches(batch, mine, {"old_values": old_values, "returns": returns}, critic)
+                    add("critic", self.critic.train_step(critic_mbs, partial(self.critic_loss, n=num_tokens)))
         steps = ppo.num_ppo_epochs * ppo.num_mini_batches
         return {k: v / steps for k, v in sums.items()}
 
