@@ -108,7 +108,7 @@ def prepare(args, work: Path, env: dict) -> list[str]:
     common = [*model, f"data.tokenizer={tokenizer}", "data.eval_file=", f"train.run_dir={work / args.stage}",
               f"train.max_steps={args.steps}", "train.eval_steps=0", "train.save_steps=0"]  # fmt: skip
     if args.stage == "dpo":
-        return [*common, f"data.train_file={data / 'prefs_train.jsonl'}", f"init_from={runs['sft']}"]
+        return [*common, f"data.train_file={data / 'prefs_train.jsonl'}", f"init_from={runs['sft']}", "win_rate_prompts="]
     stage = [*common, f"data.train_file={data / 'prompts_train.jsonl'}", f"sft_model_path={runs['sft']}"]
     if args.stage == "ppo":
         stage += [f"reward_model_path={runs['rm']}", "value_model_path="]

@@ -66,6 +66,16 @@ class DPOConfig(SFTConfig):
     """RPO: add rpo_alpha x the token-mean NLL of the chosen response (0 = off)."""
     ref_model_path: str = ""
     """Checkpoint of the reference policy ('' = init_from, the usual choice)."""
+    win_rate_prompts: str = ""
+    """RL prompts JSONL ({"prompt"[, "answer"]}) to measure the policy's win rate against the
+    reference at every evaluation: both answer each prompt (sampled, the same seed per
+    prompt for both), `reward_fn` scores both answers; ties count half ('' = off)."""
+    reward_fn: str = ""
+    """Rule 'module:function' that scores the answers for win_rate_prompts."""
+    win_rate_response_length: int = 24
+    """Tokens generated per answer for the win rate."""
+    win_rate_temperature: float = 1.0
+    """Sampling temperature of those answers (0 = greedy)."""
 
     def __post_init__(self):
         super().__post_init__()
@@ -79,3 +89,10 @@ class DPOConfig(SFTConfig):
             raise ConfigError("label_smoothing applies to loss_type sigmoid only")
         if self.rpo_alpha < 0:
             raise ConfigError(f"rpo_alpha = {self.rpo_alpha}: must be >= 0")
+        if self.win_rate_prompts and not self.reward_fn:
+            raise ConfigError("win_rate_prompts needs reward_fn, the rule that scores the answers")
+        if self.win_rate_prompts and self.layout.pp != 1:
+            raise ConfigError(
+                "win_rate_prompts generates with the rollout engine on the policy's own weights, "
+                f"which needs layout.pp = 1 (got {self.layout.pp}); evaluate the checkpoint at pp=1"
+            )

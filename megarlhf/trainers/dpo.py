@@ -17,10 +17,13 @@ import torch
 
 from megarlhf.algorithms import dpo_loss, rpo_term, sequence_logps
 from megarlhf.checkpoint.dist_ckpt import load_model_weights
-from megarlhf.data import collate_preference
+from megarlhf.data import PromptDataset, collate_preference
 from megarlhf.engine.schedule import run_microbatches
 from megarlhf.models.backbone import build_model
 from megarlhf.models.logprobs import logprobs_and_entropy
+from megarlhf.parallel.collect import gather_rows, is_row_owner, shard_rows
+from megarlhf.rollout import GenerationEngine, SamplingParams
+from megarlhf.rollout.rewards import load_reward_fn
 from megarlhf.trainers.rm import RewardModelTrainer
 from megarlhf.trainers.supervised import SupervisedTrainer
 
@@ -42,6 +45,12 @@ class DPOTrainer(SupervisedTrainer):
         load_model_weights(self.reference, self.groups, path, "actor")
         self.reference.requires_grad_(False)
         self.reference.eval()
+        self.win_prompts = self.reward_fn = self._reference_rule_scores = None
+        if cfg.win_rate_prompts:
+            self.reward_fn = load_reward_fn(cfg.reward_fn)
+            self.win_prompts = PromptDataset(
+                cfg.win_rate_prompts, self.tokenizer, self.template, max_length=cfg.model.max_seq_length - cfg.win_rate_response_length,
+            )  # fmt: skip
 
     def _row_logps(self, output: torch.Tensor, mb) -> torch.Tensor:
         """[2B] summed log-probs of each row's response tokens."""
@@ -92,3 +101,47 @@ class DPOTrainer(SupervisedTrainer):
         pairs = max(sums.get("pairs", 0.0), 1.0)
         skip = ("pairs", "grad_norm", "learning_rate", "update_applied")
         return {f"{prefix}{k}": v / pairs for k, v in sums.items() if k not in skip}
+
+    # --- win rate under the task's rule ------------------------------------------------------
+    def evaluate(self) -> dict[str, float]:
+        out = super().evaluate()
+        if self.win_prompts is not None:
+            out.update(self.win_rate())
+        return out
+
+    @torch.no_grad()
+    def win_rate(self) -> dict[str, float]:
+        """The policy's answers vs the reference's on win_rate_prompts, scored by reward_fn.
+        The reference's scores are computed once (it never changes)."""
+        policy = self._rule_scores(self.engine.module)
+        if self._reference_rule_scores is None:
+            self._reference_rule_scores = self._rule_scores(self.reference)
+        ref = self._reference_rule_scores
+        wins = (policy > ref).double() + 0.5 * (policy == ref).double()
+        return {
+            "eval_win_rate": wins.mean().item(),
+            "eval_rule_score": policy.mean().item(),
+            "eval_reference_rule_score": ref.mean().item(),
+        }
+
+    def _rule_scores(self, model) -> torch.Tensor:
+        """[n] rule scores of `model`'s sampled answers (prompt i uses seed i), each DP
+        replica answering its share of the prompts."""
+        cfg, tok = self.cfg, self.tokenizer
+        n = len(self.win_prompts)
+        items = [self.win_prompts[min(i, n - 1)] for i in range(n + (-n % self.dp))]
+        rows = shard_rows(len(items), self.groups)
+        engine = GenerationEngine(model, self.groups, vocab_size=tok.vocab_size, eos_id=tok.eos_id, pad_id=tok.pad_id)
+        sampling = SamplingParams(max_new_tokens=cfg.win_rate_response_length, temperature=cfg.win_rate_temperature)
+        model.eval()
+        out = engine.generate([items[i]["prompt_ids"].tolist() for i in rows], sampling, seeds=[cfg.train.seed * 100_003 + i for i in rows])
+        local = None
+        if is_row_owner(self.groups):
+            texts = []
+            for j in range(len(rows)):
+                keep = out.response_mask[j].bool()
+                texts.append(tok.decode([t for t in out.tokens[j][keep].tolist() if t != tok.eos_id]))
+            mine = [items[i] for i in rows]
+            local = torch.tensor(self.reward_fn([it["prompt_text"] for it in mine], texts, [it["answer"] for it in mine]), dtype=torch.float64)
+        scores = gather_rows(local, rows, (len(items),), owner=is_row_owner(self.groups), dtype=torch.float64, device=self.device)
+        return scores[:n].cpu()

@@ -13,20 +13,26 @@ from tests.e2e.test_sft_rm import metrics
 DPO = "examples/dpo_tiny.yaml"
 
 
-def test_dpo_implicit_reward_ranks_heldout_pairs(task_data, weak_sft, tmp_path):
+def test_dpo_ranks_heldout_pairs_and_wins_under_the_rule(task_data, weak_sft, tmp_path):
+    """examples/dpo_tiny.yaml (DPO + RPO's NLL term), 60 steps: the implicit reward ranks
+    held-out pairs, and the policy's sampled answers beat the SFT policy's under the task's
+    rule (same seed per prompt for both)."""
     run_dir = tmp_path / "dpo"
     out = megarlhf(
         "dpo", "--config", DPO, *data_overrides(task_data, "prefs_train", "prefs_test"),
-        f"init_from={weak_sft}", f"train.run_dir={run_dir}", "train.max_steps=60", "train.eval_steps=60",
+        f"win_rate_prompts={task_data['prompts_test']}", f"init_from={weak_sft}", f"train.run_dir={run_dir}",
+        "train.max_steps=60", "train.eval_steps=60",
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-4000:]
     rows = metrics(run_dir)
     first, last = rows[0], rows[-1]
-    # At step 1 the policy is the reference: every implicit reward is 0, the loss log 2.
-    assert first["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    # At step 1 the policy is the reference: every implicit reward is 0, the DPO loss log 2.
+    assert first["dpo/loss"] == pytest.approx(math.log(2), abs=1e-4)
     assert last["eval_rewards/accuracies"] >= 0.75, last
     assert last["eval_rewards/margins"] > 0.3, last
-    assert last["eval_loss"] < 0.6, last
+    assert last["eval_dpo/loss"] < 0.6, last
+    assert last["eval_win_rate"] > 0.6, last
+    assert last["eval_rule_score"] > last["eval_reference_rule_score"] + 0.1, last
 
 
 def test_dpo_bad_configs_exit_2(task_data, weak_sft, tmp_path):
@@ -37,12 +43,14 @@ def test_dpo_bad_configs_exit_2(task_data, weak_sft, tmp_path):
     assert out.returncode == 2 and "label_smoothing applies to loss_type sigmoid only" in out.stderr
     out = megarlhf(*common, "init_from=")
     assert out.returncode == 2 and "init_from is required" in out.stderr
+    out = megarlhf(*common, f"init_from={weak_sft}", "reward_fn=")
+    assert out.returncode == 2 and "win_rate_prompts needs reward_fn" in out.stderr
 
 
 def test_dpo_steps_match_single_rank_at_tp2_pp2_dp2(task_data, weak_sft, tmp_path):
     """5 DPO steps (policy and its reference both sharded) give the single-rank losses."""
     common = [
-        "dpo", "--config", DPO, *data_overrides(task_data, "prefs_train"), "data.eval_file=",
+        "dpo", "--config", DPO, *data_overrides(task_data, "prefs_train"), "data.eval_file=", "win_rate_prompts=",
         f"init_from={weak_sft}", "train.max_steps=5", "optim.adam_epsilon=1e-4",
     ]  # fmt: skip
     out = megarlhf(*common, f"train.run_dir={tmp_path / 'single'}")
