@@ -94,6 +94,33 @@ def _add_stage(sub, name: str) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.learning_rate=3e-4")
 
 
+def _add_launch(sub) -> None:
+    from megarlhf.launch import add_arguments
+
+    p = sub.add_parser(
+        "launch",
+        help="render a stage's SLURM batch script (srun + torchrun) and submit it, or print it with --dry-run",
+        description=(
+            "Checks the config and its role layouts against --nodes x --gpus-per-node ranks, renders "
+            "an sbatch script (c10d rendezvous on the first node, SIGUSR1 before the time limit -> "
+            "checkpoint -> requeue -> --resume auto, log in run_dir/logs/slurm-<jobid>.out) and submits "
+            "it with sbatch; prints the job id. Exit codes: 0 done, 2 bad config/layout/option, 1 sbatch failed."
+        ),
+    )
+    add_arguments(p, list(STAGES))
+
+
+def _add_plan(sub) -> None:
+    from megarlhf.plan.command import DESCRIPTION, add_arguments
+
+    p = sub.add_parser(
+        "plan",
+        help="size a run: per-GPU memory by role (fits?), seconds per phase, fastest layout that fits",
+        description=DESCRIPTION + " Pure Python: no GPU or Megatron-Core needed. Exit code 2 on bad input.",
+    )
+    add_arguments(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="megarlhf",
@@ -105,7 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name in STAGES:
         _add_stage(sub, name)
     _add_quickstart(sub)
+    _add_launch(sub)
     _add_selfcheck(sub)
+    _add_plan(sub)
     return parser
 
 
@@ -122,7 +151,20 @@ def run_stage(name: str, config_path: str | None, overrides: list[str], resume: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "launch":  # before the imports below: a login node renders without Megatron-Core
+        import megarlhf.config as config_module
+        from megarlhf.launch import launch_main
+
+        # key=value overrides may come after options (argparse keeps only those right after the stage)
+        return launch_main(args, extra, getattr(config_module, STAGES[args.stage][1]))
+    if args.command == "plan" and not extra:  # pure Python: no torch or Megatron-Core import
+        from megarlhf.plan.command import run as run_plan
+
+        return run_plan(args)
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from megarlhf.checkpoint.dist_ckpt import CheckpointError
     from megarlhf.config import ConfigError, DataError
     from megarlhf.parallel import LayoutError

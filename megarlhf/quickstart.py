@@ -69,6 +69,8 @@ def run_quickstart(
     t0 = time.perf_counter()
     sft = SFTTrainer(sft_cfg, resume="auto" if resume else None).fit()
     times["SFT"] = time.perf_counter() - t0
+    if "stopped_by" in sft:
+        return 0  # SIGUSR1/SIGTERM: the stage checkpointed; `quickstart --resume` continues
 
     rm_cfg = load_config(
         RMConfig, EXAMPLES / "rm_tiny.yaml",
@@ -78,6 +80,8 @@ def run_quickstart(
     t0 = time.perf_counter()
     rm = RewardModelTrainer(rm_cfg, resume="auto" if resume else None).fit()
     times["reward model"] = time.perf_counter() - t0
+    if "stopped_by" in rm:
+        return 0  # SIGUSR1/SIGTERM: the stage checkpointed; `quickstart --resume` continues
 
     ppo_cfg = load_config(
         PPOConfig, EXAMPLES / "ppo_tiny.yaml",
@@ -88,6 +92,8 @@ def run_quickstart(
     t0 = time.perf_counter()
     ppo = PPOTrainer(ppo_cfg, resume="auto" if resume else None).fit()
     times["PPO"] = time.perf_counter() - t0
+    if "stopped_by" in ppo:
+        return 0  # SIGUSR1/SIGTERM: the stage checkpointed; `quickstart --resume` continues
 
     if is_main:
         sft_first = json.loads((root / "sft" / "metrics.jsonl").read_text().splitlines()[0])["loss"]

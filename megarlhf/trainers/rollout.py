@@ -501,7 +501,7 @@ class RolloutTrainer:
                 bar.set_postfix({k.split("/")[-1]: f"{metrics[k]:.3g}" for k in self.postfix_keys if k in metrics})
             if self.step % cfg.logging_steps == 0 or self.step == cfg.max_steps:
                 run.say(f"iteration {self.step}: " + ", ".join(f"{k} {metrics[k]:.4g}" for k in self.shown_keys if k in metrics))
-            stop = self.stop.agreed(self.device)
+            stop = self.stop.agreed(self.device) and self.step < cfg.max_steps  # a last step just finishes
             if stop or cfg.save_steps and self.step % cfg.save_steps == 0 or self.step == cfg.max_steps:
                 self.save()
             if stop:

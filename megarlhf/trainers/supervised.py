@@ -30,6 +30,7 @@ from megarlhf.data import ChatTemplate, ShardedSampler, load_tokenizer
 from megarlhf.engine.engine import TrainEngine
 from megarlhf.models.backbone import build_model
 from megarlhf.parallel import Layout, build_parallel_context, init_distributed, seed_all
+from megarlhf.trainers.preempt import StopRequest
 from megarlhf.trainers.run import RunDir
 
 
@@ -41,6 +42,7 @@ class SupervisedTrainer:
     stage: str = "sft"
 
     def __init__(self, cfg: SFTConfig, resume: str | None = None):
+        self.stop = StopRequest()  # first: a SIGUSR1/SIGTERM during set-up is kept too
         self.cfg = cfg
         init_distributed()
         self.ctx = build_parallel_context({self.role: Layout(cfg.layout.tp, cfg.layout.pp)})
@@ -123,6 +125,7 @@ class SupervisedTrainer:
             f"{cfg.micro_batch_size} x {self.num_microbatches} microbatches x {self.dp} dp"
         )
         bar = run.progress(cfg.max_steps, self.step, desc=self.stage)
+        metrics: dict[str, float] = {}  # stays empty when resuming a run that had finished
         last_eval: dict[str, float] = {}
         while self.step < cfg.max_steps:
             t0 = time.perf_counter()
@@ -149,8 +152,11 @@ class SupervisedTrainer:
                 bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k in self.postfix_keys})
             if self.step % cfg.logging_steps == 0 or self.step == cfg.max_steps:
                 run.say(f"step {self.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-            if cfg.save_steps and self.step % cfg.save_steps == 0 or self.step == cfg.max_steps:
+            stop = self.stop.agreed(self.device) and self.step < cfg.max_steps  # a last step just finishes
+            if stop or cfg.save_steps and self.step % cfg.save_steps == 0 or self.step == cfg.max_steps:
                 self.save()
+            if stop:
+                return self.stop.stopped(run, self.stage, self.step)
         summary = {"stage": self.stage, "steps": self.step, "final": metrics, "eval": last_eval}
         run.write_summary(summary)
         run.close()
