@@ -50,3 +50,17 @@ def weak_sft(task_data, tmp_path_factory) -> Path:
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-4000:]
     return run_dir
+
+
+def resume_after_crash(stage: str, straight: Path, crashed: Path, kept: int, lost: int, args: list[str]):
+    """Copy the finished run `straight` to `crashed` as if it had crashed right after the
+    iteration-`kept` checkpoint (the iteration-`lost` one never written), then continue it
+    with `--resume auto`; asserts that it ran and said it resumed."""
+    import shutil
+
+    shutil.copytree(straight, crashed)
+    shutil.rmtree(crashed / "checkpoints" / f"iter_{lost:07d}")
+    (crashed / "checkpoints" / "latest").write_text(f"iter_{kept:07d}\n")
+    out = megarlhf(stage, *args, f"train.run_dir={crashed}", "--resume", "auto")
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert "resumed from" in out.stdout + out.stderr

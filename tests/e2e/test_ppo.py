@@ -4,12 +4,10 @@ bit-exact, and bad configs fail with exit code 2."""
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 
-from tests.e2e.conftest import data_overrides, megarlhf
+from tests.e2e.conftest import data_overrides, megarlhf, resume_after_crash
 from tests.e2e.test_sft_rm import checkpoint_tensors, metrics
 
 PPO = "examples/ppo_tiny.yaml"
@@ -57,12 +55,7 @@ def test_ppo_resume_is_bit_exact(task_data, weak_sft, tmp_path):
     assert out.returncode == 0, out.stderr[-4000:]
 
     crashed = tmp_path / "crashed"
-    shutil.copytree(straight, crashed)
-    shutil.rmtree(crashed / "checkpoints" / "iter_0000004")
-    (crashed / "checkpoints" / "latest").write_text("iter_0000002\n")
-    out = megarlhf("ppo", *common, f"train.run_dir={crashed}", "--resume", "auto")
-    assert out.returncode == 0, out.stderr[-4000:]
-    assert "resumed from" in out.stdout + out.stderr
+    resume_after_crash("ppo", straight, crashed, 2, 4, common)
 
     a, b = metrics(straight), metrics(crashed)
     assert [r["step"] for r in b] == [1, 2, 3, 4]

@@ -4,12 +4,11 @@ happens, resume is exact, bad inputs fail cleanly with the documented exit codes
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
 
-from tests.e2e.conftest import data_overrides, megarlhf
+from tests.e2e.conftest import data_overrides, megarlhf, resume_after_crash
 
 SFT = "examples/sft_tiny.yaml"
 RM = "examples/rm_tiny.yaml"
@@ -73,14 +72,9 @@ def test_resume_is_bit_exact(task_data, tmp_path):
     out = megarlhf("sft", *common, f"train.run_dir={straight}")
     assert out.returncode == 0, out.stderr[-4000:]
 
-    # Simulate a crash right after the step-10 checkpoint: the step-20 one never happened.
+    # A crash right after the step-10 checkpoint: the step-20 one never happened.
     crashed = tmp_path / "crashed"
-    shutil.copytree(straight, crashed)
-    shutil.rmtree(crashed / "checkpoints" / "iter_0000020")
-    (crashed / "checkpoints" / "latest").write_text("iter_0000010\n")
-    out = megarlhf("sft", *common, f"train.run_dir={crashed}", "--resume", "auto")
-    assert out.returncode == 0, out.stderr[-4000:]
-    assert "resumed from" in out.stdout + out.stderr
+    resume_after_crash("sft", straight, crashed, 10, 20, common)
 
     a, b = metrics(straight), metrics(crashed)
     assert [r["step"] for r in b] == list(range(1, 21))
