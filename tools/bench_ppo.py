@@ -89,7 +89,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_vs_trl import check_idle, prepare_data, run_logged  # noqa: E402
+from bench_vs_trl import check_idle, export_hf, prepare_data, run_logged  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 PPO_YAML, SFT_YAML, RM_YAML = "examples/ppo_tiny.yaml", "examples/sft_tiny.yaml", "examples/rm_tiny.yaml"
@@ -223,15 +223,6 @@ def run_megarlhf(cfg, overrides: list[str], work: Path, env: dict, warmup: int) 
     out.update(peak_rss_mib=rss, optimizer_steps_per_iteration=2 * cfg.ppo.num_ppo_epochs * cfg.ppo.num_mini_batches,
                parameters={"policy": cfg.model.num_parameters("lm")})  # fmt: skip
     return out
-
-
-def export_hf(run: Path, out: Path, pad_id: int, log: Path, env: dict) -> None:
-    """megarlhf checkpoint -> HF folder (a reward model's value head is HF's score layer)."""
-    cmd = [sys.executable, "tools/convert_megatron_to_hf.py", str(run), str(out), "--pad-token-id", str(pad_id)]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-    log.write_text(proc.stdout + proc.stderr)
-    if proc.returncode:
-        sys.exit(f"error: exporting {run} to {out} exited {proc.returncode}; see {log}:\n{proc.stderr[-2000:]}")
 
 
 def write_prompts(cfg, out: Path) -> int:

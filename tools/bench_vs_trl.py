@@ -1,32 +1,51 @@
 #!/usr/bin/env python
-"""SFT and reward-model training tokens/s: megarlhf vs Hugging Face TRL on this machine.
+"""SFT, reward-model and DPO training tokens/s: megarlhf vs Hugging Face TRL on this machine.
 
-    python tools/bench_vs_trl.py                                   # both stages, 60 steps each
+    python tools/bench_vs_trl.py                                   # all three stages, 60 steps each
     python tools/bench_vs_trl.py --stages rm --steps 30 --json out.json
+    python tools/bench_vs_trl.py --stages dpo --sft runs/sft       # DPO from an existing SFT run
+    python tools/bench_vs_trl.py --stages dpo --set rpo_alpha=0     # plain DPO, no RPO term
 
-Same model, data and batch shapes on both sides: the tiny Llama of examples/sft_tiny.yaml
-and examples/rm_tiny.yaml (read from those files, passed on to TRL), the synthetic sorting
-task, global batch = micro batch x accumulation of the config, one process, float32.
-Steps:
+Same model, data and batch shapes on both sides: the tiny Llama of examples/sft_tiny.yaml,
+examples/rm_tiny.yaml and examples/dpo_tiny.yaml (read from those files, passed on to
+TRL), the synthetic sorting task, global batch = micro batch x accumulation of the config,
+learning rate and schedule, one process, float32. Steps:
   1. build the task's data and sentencepiece tokenizer in <data-dir> (kept when present);
-  2. tokenize with megarlhf's own datasets and write pre-tokenized JSONL for TRL, so both
-     sides train on the same token ids (SFT: input_ids + completion_mask = megarlhf's
-     loss_mask; RM: chosen_ids + rejected_ids);
-  3. run `python -m megarlhf sft|rm` and read tokens_per_second/step_seconds per step from
-     its metrics.jsonl (the end-of-run checkpoint is outside the timed steps);
+     for DPO also a short SFT policy (--sft-steps, examples/sft_tiny.yaml) unless --sft
+     names a run, exported to a Hugging Face folder (tools/convert_megatron_to_hf.py):
+     both sides start the policy and the frozen reference from it;
+  2. tokenize with megarlhf's own datasets and write JSONL for TRL, so both sides train on
+     the same token ids (SFT: input_ids + completion_mask = megarlhf's loss_mask; RM:
+     chosen_ids + rejected_ids; DPO: prompt / chosen / rejected as id text, see
+     tools/trl_baseline.py, split where megarlhf's loss mask starts);
+  3. run `python -m megarlhf sft|rm|dpo` and read tokens_per_second/step_seconds per step
+     from its metrics.jsonl (the end-of-run checkpoint is outside the timed steps);
   4. run tools/trl_baseline.py with --trl-python (a virtualenv with TRL; it never imports
-     megarlhf);
-  5. print a table and write --json if asked.
-Tokens/s = non-pad tokens of the batches trained in a step / wall time of that step; the
-first --warmup steps are skipped on both sides. Reported: the median of per-step rates,
-and total tokens / total time of the timed steps. A step's clock covers building its
-batches on both sides; TRL's compute-only clock (data loading excluded) is shown too.
+     megarlhf): SFTTrainer, RewardTrainer, DPOTrainer (beta and loss_type of the config;
+     rpo_alpha > 0, the example's RPO term, as TRL's loss_type ["sigmoid", "sft"] with
+     loss_weights [1, rpo_alpha]; reference model in memory, its log-probs computed in
+     every step as megarlhf does; megarlhf's win-rate evaluation off);
+  5. print a table (with each side's peak RSS: ru_maxrss of its process from os.wait4)
+     and write --json if asked.
+Tokens/s = non-pad tokens of the batches trained in a step / wall time of that step (RM
+and DPO: chosen + rejected sequences); the first --warmup steps are skipped on both
+sides. Reported: the median of per-step rates, and total tokens / total time of the timed
+steps. A step's clock covers building its batches on both sides (megarlhf's DPO step
+also its reference forward, done while collating); TRL's compute-only clock (data
+loading excluded, reference forward included) is shown too.
 
 Differences left in (each side's own behaviour): megarlhf pads a step's microbatches to
 the step's longest sample (rounded up to a multiple of 8), TRL each microbatch to its own
 longest row (the table shows the non-pad share of computed positions); each side draws its own sample order; optimizers
-are each side's default (Megatron's Adam vs TRL's fused AdamW). On a 2-core machine any
-other load makes 2-thread figures meaningless (a warning is printed): run it idle.
+are each side's default (Megatron's Adam vs TRL's fused AdamW). (Both samplers take
+torch.randperm from a generator seeded with train.seed: in the DPO runs every step's
+non-pad token count matched, i.e. both sides trained on the same batches.) DPO: TRL computes
+log-probs with its fused LM head (only completion positions, in tiles), megarlhf takes the
+full logits and gathers the response tokens; TRL's DPOTrainer also computes entropy, mean
+logits and top-1 accuracy of every completion token for its metrics; RPO's NLL is the
+token mean of each chosen response averaged over pairs in megarlhf, the token mean over
+all chosen tokens of a micro-batch in TRL (same work, other weights). On a 2-core machine
+any other load makes 2-thread figures meaningless (a warning is printed): run it idle.
 """
 
 from __future__ import annotations
@@ -37,6 +56,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -44,16 +64,24 @@ REPO = Path(__file__).resolve().parent.parent
 STAGES = {  # stage -> (example config, config class, training file of the synthetic task)
     "sft": ("examples/sft_tiny.yaml", "SFTConfig", "sft.jsonl"),
     "rm": ("examples/rm_tiny.yaml", "RMConfig", "prefs_train.jsonl"),
+    "dpo": ("examples/dpo_tiny.yaml", "DPOConfig", "prefs_train.jsonl"),
 }
+PAIRED = ("rm", "dpo")  # a preference pair is two rows: chosen and rejected
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stages", nargs="+", choices=list(STAGES), default=list(STAGES), help="default: sft rm")
+    p.add_argument("--stages", nargs="+", choices=list(STAGES), default=list(STAGES), help="default: sft rm dpo")
     p.add_argument("--steps", type=int, default=60, help="optimizer steps per stage and side (default 60)")
     p.add_argument("--warmup", type=int, default=5, help="first steps left out of the figures (default 5)")
     p.add_argument("--work-dir", default="runs/bench_vs_trl", help="runs, logs and TRL's JSONL go here")
     p.add_argument("--data-dir", default=None, help="task data + sp.model; default <work-dir>/data, built if missing")
+    p.add_argument("--sft", default=None,
+                   help="dpo: megarlhf SFT run to start from (default: <work-dir>/sft, trained if missing)")
+    p.add_argument("--sft-steps", type=int, default=40, help="dpo: SFT steps when training one (default 40)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="further override of the example config of every stage run (repeatable; use with one "
+                        "--stages); the TRL side follows the mapped fields")
     p.add_argument("--trl-python", default="/tmp/trlvenv/bin/python", help="python of a virtualenv with TRL")
     p.add_argument("--threads", type=int, default=2, help="torch threads on both sides (OMP_NUM_THREADS)")
     p.add_argument("--json", default=None, help="also write settings and figures to this file")
@@ -74,8 +102,45 @@ def prepare_data(data_dir: Path) -> Path:
     return model
 
 
+def train_sft(run: Path, steps: int, data_dir: Path, tokenizer: Path, log: Path, env: dict) -> Path:
+    """A short SFT policy (examples/sft_tiny.yaml) in `run`, kept when it already has a checkpoint."""
+    if (run / "checkpoints" / "latest").is_file():
+        print(f"[setup] sft: {run}", flush=True)
+        return run
+    print(f"[setup] training sft: {steps} steps -> {run}", flush=True)
+    cmd = [sys.executable, "-m", "megarlhf", "sft", "--config", STAGES["sft"][0], f"data.tokenizer={tokenizer}",
+           f"data.train_file={data_dir / 'sft.jsonl'}", "data.eval_file=", "train.eval_steps=0", "train.save_steps=0",
+           f"train.run_dir={run}", f"train.max_steps={steps}"]  # fmt: skip
+    run_logged(cmd, log, env)
+    return run
+
+
+def export_hf(run: Path, out: Path, pad_id: int, log: Path, env: dict) -> None:
+    """megarlhf checkpoint -> HF folder (a reward model's value head is HF's score layer)."""
+    cmd = [sys.executable, "tools/convert_megatron_to_hf.py", str(run), str(out), "--pad-token-id", str(pad_id)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    log.write_text(proc.stdout + proc.stderr)
+    if proc.returncode:
+        sys.exit(f"error: exporting {run} to {out} exited {proc.returncode}; see {log}:\n{proc.stderr[-2000:]}")
+
+
+def id_text(ids) -> str:
+    """Token ids as the text TRL's placeholder tokenizer encodes back to them (tools/trl_baseline.py)."""
+    return "".join(f"<id{int(i)}>" for i in ids)
+
+
+def split_pair(item: dict) -> dict:
+    """A tokenized preference pair -> {"prompt", "chosen", "rejected"} id text, cut where the
+    loss mask starts (the prompt, assistant marker included, is common to both sides)."""
+    cut = int(item["chosen_mask"].nonzero()[0])
+    prompt, chosen, rejected = item["chosen_ids"][:cut], item["chosen_ids"][cut:], item["rejected_ids"][cut:]
+    if not (item["rejected_ids"][:cut].equal(prompt) and item["rejected_mask"][:cut].sum() == 0):
+        raise ValueError(f"chosen and rejected sequences do not share the {cut}-token prompt")
+    return {"prompt": id_text(prompt), "chosen": id_text(chosen), "rejected": id_text(rejected)}
+
+
 def write_trl_jsonl(stage: str, cfg, out: Path) -> int:
-    """megarlhf's tokenization of the training file, as TRL's pre-tokenized columns; returns rows."""
+    """megarlhf's tokenization of the training file, as TRL's columns; returns rows."""
     from megarlhf.data import ChatTemplate, PreferenceDataset, SFTDataset, load_tokenizer
 
     tok, d = load_tokenizer(cfg.data.tokenizer), cfg.data
@@ -85,8 +150,10 @@ def write_trl_jsonl(stage: str, cfg, out: Path) -> int:
         for it in data:
             if stage == "sft":
                 row = {"input_ids": it["input_ids"].tolist(), "completion_mask": it["loss_mask"].int().tolist()}
-            else:
+            elif stage == "rm":
                 row = {"chosen_ids": it["chosen_ids"].tolist(), "rejected_ids": it["rejected_ids"].tolist()}
+            else:
+                row = split_pair(it)
             f.write(json.dumps(row) + "\n")
     return len(data)
 
@@ -129,20 +196,25 @@ def check_idle(threads: int, what: str) -> float:
     return busy
 
 
-def run_logged(cmd: list[str], log: Path, env: dict) -> str:
-    """Run `cmd` in the repo root, stderr to `log`; returns stdout; exits with the log's tail on failure."""
-    with open(log, "w") as err:
-        proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=err, text=True)
+def run_logged(cmd: list[str], log: Path, env: dict) -> tuple[str, float]:
+    """Run `cmd` in the repo root, stderr to `log`; returns (stdout, the child's peak RSS in
+    MiB: ru_maxrss from os.wait4); exits with the log's tail on failure."""
+    with open(log, "w") as err, tempfile.TemporaryFile("w+") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=err, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        stdout = out.read()
     if proc.returncode:
         tail = "".join(log.read_text().splitlines(keepends=True)[-20:])
         sys.exit(f"error: {' '.join(cmd[:4])} ... exited {proc.returncode}; last lines of {log}:\n{tail}")
-    return proc.stdout
+    return stdout, usage.ru_maxrss / 1024  # KiB on Linux
 
 
 def run_megarlhf(stage: str, overrides: list[str], run_dir: Path, log: Path, env: dict, warmup: int) -> dict:
     cmd = [sys.executable, "-m", "megarlhf", stage, "--config", STAGES[stage][0], *overrides]
     (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-    run_logged(cmd, log, env)
+    _, rss = run_logged(cmd, log, env)
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     steps = sorted((json.loads(line) for line in lines), key=lambda r: r["step"])
     rows = [
@@ -151,28 +223,33 @@ def run_megarlhf(stage: str, overrides: list[str], run_dir: Path, log: Path, env
         for r in steps if "step_seconds" in r
     ]  # fmt: skip
     timed = rows[warmup:]
-    return {**summarize(rows, warmup), "steps": len(rows), "per_step": rows,
+    return {**summarize(rows, warmup), "steps": len(rows), "per_step": rows, "peak_rss_mib": rss,
             "mean_seq_length": sum(r["seq_length"] for r in timed) / max(len(timed), 1)}  # fmt: skip
 
 
-def run_trl(stage: str, cfg, data: Path, args, log: Path, env: dict) -> dict:
+def run_trl(stage: str, cfg, data: Path, args, log: Path, env: dict, policy: Path | None = None) -> dict:
     from megarlhf.data import load_tokenizer
 
     m, tok = cfg.model, load_tokenizer(cfg.data.tokenizer)
+    dpo = []
+    if stage == "dpo":
+        dpo = ["--policy", policy, "--beta", cfg.beta, "--loss-type", cfg.loss_type, "--rpo-alpha", cfg.rpo_alpha]
     cmd = [
         args.trl_python, str(REPO / "tools" / "trl_baseline.py"), "--stage", stage, "--data", str(data),
         "--layers", m.num_layers, "--hidden", m.hidden_size, "--heads", m.num_attention_heads,
         "--kv-heads", m.query_groups, "--ffn", m.ffn_size, "--vocab", m.padded_vocab_size,
         "--max-positions", m.max_seq_length, "--rope-theta", m.rope_theta, "--norm-eps", m.norm_eps,
         "--micro-batch-size", cfg.train.micro_batch_size, "--grad-accum", cfg.train.num_microbatches(1),
-        "--lr", cfg.optim.learning_rate, "--warmup-lr-steps", cfg.optim.warmup_steps,
+        "--lr", cfg.optim.learning_rate, "--lr-scheduler", cfg.optim.lr_scheduler_type,
+        "--warmup-lr-steps", cfg.optim.warmup_steps,
         "--weight-decay", cfg.optim.weight_decay, "--max-grad-norm", cfg.optim.max_grad_norm,
         "--max-length", cfg.data.max_length, "--pad-id", tok.pad_id, "--eos-id", tok.eos_id,
         "--steps", args.steps, "--warmup", args.warmup, "--threads", args.threads, "--seed", cfg.train.seed,
-        *(["--tie-embeddings"] if m.tie_embeddings else []),
+        *(["--tie-embeddings"] if m.tie_embeddings else []), *dpo,
     ]  # fmt: skip
-    out = run_logged([str(c) for c in cmd], log, env)
+    out, rss = run_logged([str(c) for c in cmd], log, env)
     r = json.loads(out.strip().splitlines()[-1])
+    r["peak_rss_mib"] = rss
     # The step clock that, like megarlhf's, includes building the step's batches.
     r.update(median_tokens_per_second=r["wall_median_tokens_per_second"],
              total_tokens_per_second=r["wall_total_tokens_per_second"])  # fmt: skip
@@ -185,10 +262,20 @@ def bench_stage(stage: str, data_dir: Path, tokenizer: Path, args, env: dict) ->
 
     work = Path(args.work_dir).resolve()
     run_dir = work / f"megarlhf_{stage}"
+    sft = policy = None
+    if stage == "dpo":  # policy and reference start from one short SFT run on both sides
+        from megarlhf.data import load_tokenizer
+
+        sft = Path(args.sft).resolve() if args.sft else work / "sft"
+        train_sft(sft, args.sft_steps, data_dir, tokenizer, work / "train_sft.log", env)
+        policy = work / "hf" / "sft"
+        export_hf(sft, policy, load_tokenizer(tokenizer).pad_id, work / "export_sft.log", env)
     overrides = [
         f"data.tokenizer={tokenizer}", f"data.train_file={data_dir / STAGES[stage][2]}", "data.eval_file=",
         f"train.run_dir={run_dir}", f"train.max_steps={args.steps}", "train.eval_steps=0", "train.save_steps=0",
         *(["init_from="] if stage == "rm" else []),
+        *([f"init_from={sft}", "ref_model_path=", "win_rate_prompts="] if stage == "dpo" else []),
+        *args.overrides,
     ]  # fmt: skip
     cfg = load_config(getattr(config_module, STAGES[stage][1]), REPO / STAGES[stage][0], overrides)
     m = cfg.model
@@ -197,17 +284,20 @@ def bench_stage(stage: str, data_dir: Path, tokenizer: Path, args, env: dict) ->
             f"error: {STAGES[stage][0]}: the TRL twin is a Llama without QKV bias or recompute on one process; "
             "need model.arch=llama, add_qkv_bias=false, recompute=none, layout.tp=layout.pp=1"
         )
+    if stage == "dpo" and cfg.label_smoothing:
+        sys.exit(f"error: {STAGES[stage][0]}: the comparison maps beta, loss_type and rpo_alpha; "
+                 "need label_smoothing=0")  # fmt: skip
     trl_data = work / f"trl_{stage}.jsonl"
     rows = write_trl_jsonl(stage, cfg, trl_data)
     print(f"[{stage}] megarlhf: {args.steps} steps ...", flush=True)
     busy = check_idle(args.threads, f"megarlhf {stage}")
     ours = run_megarlhf(stage, overrides, run_dir, work / f"megarlhf_{stage}.log", env, args.warmup)
-    ours.update(busy_cores=busy, parameters=cfg.model.num_parameters("lm" if stage == "sft" else "value"))
+    ours.update(busy_cores=busy, parameters=cfg.model.num_parameters("value" if stage == "rm" else "lm"))
     print(f"[{stage}] TRL: {args.steps} steps ...", flush=True)
     busy = check_idle(args.threads, f"TRL {stage}")
-    trl = run_trl(stage, cfg, trl_data, args, work / f"trl_{stage}.log", env)
+    trl = run_trl(stage, cfg, trl_data, args, work / f"trl_{stage}.log", env, policy)
     trl["busy_cores"] = busy
-    seqs_per_step = cfg.train.global_batch_size * (2 if stage == "rm" else 1)  # an RM pair is two rows
+    seqs_per_step = cfg.train.global_batch_size * (2 if stage in PAIRED else 1)
     # megarlhf pads each step to its longest sample (rounded up to a multiple of 8).
     ours["positions"] = ours["timed_steps"] * seqs_per_step * ours["mean_seq_length"]
     return {
@@ -218,7 +308,10 @@ def bench_stage(stage: str, data_dir: Path, tokenizer: Path, args, env: dict) ->
             "model": {**vars(cfg.model), "ffn_size": cfg.model.ffn_size, "query_groups": cfg.model.query_groups,
                       "padded_vocab_size": cfg.model.padded_vocab_size},
             "micro_batch_size": cfg.train.micro_batch_size, "global_batch_size": cfg.train.global_batch_size,
-            "max_length": cfg.data.max_length,
+            "max_length": cfg.data.max_length, "lr": cfg.optim.learning_rate,
+            "lr_scheduler": cfg.optim.lr_scheduler_type,
+            **({"dpo": {"beta": cfg.beta, "loss_type": cfg.loss_type, "rpo_alpha": cfg.rpo_alpha, "sft": str(sft)}}
+               if stage == "dpo" else {}),
         },
     }  # fmt: skip
 
@@ -246,8 +339,13 @@ def print_table(results: dict, args) -> None:
             f"{ours['tokens'] / ours['positions']:.0%} (pads each step to its longest sample), "
             f"TRL {trl['tokens'] / trl['positions']:.0%} (pads to the batch's longest)\n"
             f"    cores busy with other work just before the runs: megarlhf {ours['busy_cores']:.1f}, "
-            f"TRL {trl['busy_cores']:.1f}"
+            f"TRL {trl['busy_cores']:.1f}; peak RSS megarlhf {ours['peak_rss_mib']:.0f} MiB, "
+            f"TRL {trl['peak_rss_mib']:.0f} MiB"
         )
+        if "dpo" in c:
+            d = c["dpo"]
+            print(f"    DPO: beta {d['beta']}, loss_type {d['loss_type']}, rpo_alpha {d['rpo_alpha']}, policy and "
+                  f"reference from {d['sft']}; lr {c['lr']} {c['lr_scheduler']}")  # fmt: skip
     v = next(iter(results.values()))["trl"]["versions"]
     print(
         f"steps {args.steps} per side, first {args.warmup} skipped; {args.threads} threads; float32 CPU; "

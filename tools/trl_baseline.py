@@ -1,12 +1,20 @@
 #!/usr/bin/env python
-"""Training throughput of Hugging Face TRL's SFTTrainer / RewardTrainer on a tiny Llama.
+"""Training throughput of Hugging Face TRL's SFTTrainer / RewardTrainer / DPOTrainer on a tiny Llama.
 
 The baseline half of tools/bench_vs_trl.py; runs in a virtualenv with TRL installed and
-never imports megarlhf or Megatron. Reads pre-tokenized JSONL written by bench_vs_trl.py
-(SFT rows {"input_ids", "completion_mask"}, RM rows {"chosen_ids", "rejected_ids"}), so
-both frameworks train on the same token ids.
+never imports megarlhf or Megatron. Reads JSONL written by bench_vs_trl.py with
+megarlhf's token ids, so both frameworks train on the same tokens:
+  - SFT rows {"input_ids", "completion_mask"}, RM rows {"chosen_ids", "rejected_ids"}:
+    pre-tokenized, trained from a fresh model of the given shape;
+  - DPO rows {"prompt", "chosen", "rejected"}: id text, one piece `<id{i}>` per token id
+    (TRL 1.16's DPOTrainer takes text only). The placeholder tokenizer encodes each piece
+    to its id and nothing else, so TRL's own tokenization gives back megarlhf's ids. The
+    policy and the reference are two copies of --policy (a Hugging Face folder exported
+    from megarlhf's SFT run); --rpo-alpha adds TRL's "sft" loss (NLL of the chosen
+    answers) with that weight, RPO as megarlhf's rpo_alpha.
 
     /tmp/trlvenv/bin/python tools/trl_baseline.py --stage sft --data work/trl_sft.jsonl --steps 60
+    /tmp/trlvenv/bin/python tools/trl_baseline.py --stage dpo --data work/trl_dpo.jsonl --policy work/hf/sft
 
 Timing, per optimizer step, from a TrainerCallback:
   - wall: previous on_step_end -> this on_step_end. Includes fetching and collating the
@@ -16,6 +24,9 @@ Timing, per optimizer step, from a TrainerCallback:
     on_step_begin, so this leaves data loading out.
 Tokens = non-pad tokens (attention_mask sum) of the batches of that step, counted in a
 wrapped data collator; batches are collated in order, so a FIFO pairs them with steps.
+A DPO batch holds both sides of its pairs (chosen rows, then rejected rows), so its
+tokens are those of the chosen + rejected sequences; the reference's forward pass runs
+inside the step (no precomputed reference log-probs), as in megarlhf.
 `positions` = padded positions computed (TRL pads each batch to its longest row).
 The first --warmup steps are skipped. The last stdout line is one JSON object.
 """
@@ -35,8 +46,13 @@ from collections import deque
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stage", choices=["sft", "rm"], required=True)
-    p.add_argument("--data", required=True, help="pre-tokenized JSONL (see above)")
+    p.add_argument("--stage", choices=["sft", "rm", "dpo"], required=True)
+    p.add_argument("--data", required=True, help="JSONL of megarlhf's token ids (see above)")
+    p.add_argument("--policy", default=None, help="dpo: HF LlamaForCausalLM folder, initial policy and reference")
+    p.add_argument("--beta", type=float, default=0.1, help="dpo: beta")
+    p.add_argument("--loss-type", default="sigmoid", help="dpo: TRL loss_type (sigmoid = DPO)")
+    p.add_argument("--rpo-alpha", type=float, default=0.0,
+                   help="dpo: weight of RPO's NLL of the chosen answers (TRL's 'sft' loss added to --loss-type)")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--heads", type=int, default=4)
@@ -50,6 +66,8 @@ def parse_args(argv=None):
     p.add_argument("--micro-batch-size", type=int, default=16, help="SFT sequences / RM pairs per microbatch")
     p.add_argument("--grad-accum", type=int, default=2, help="microbatches per optimizer step")
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr-scheduler", choices=["cosine", "linear", "constant"], default="cosine",
+                   help="learning-rate schedule after the warm-up (megarlhf's optim.lr_scheduler_type)")
     p.add_argument("--warmup-lr-steps", type=int, default=20, help="learning-rate warmup steps")
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--max-grad-norm", type=float, default=1.0)
@@ -60,18 +78,34 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=5, help="first steps left out of the figures")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (and OMP_NUM_THREADS)")
     p.add_argument("--seed", type=int, default=1234)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)  # fmt: skip
+    if args.stage == "dpo" and not args.policy:
+        p.error("--stage dpo needs --policy (a Hugging Face folder of the SFT policy)")
+    return args
 
 
-def build_tokenizer(vocab: int, pad_id: int, eos_id: int):
-    """A WordLevel tokenizer with one piece per id: TRL wants a processing_class with pad and
-    EOS pieces, but never tokenizes pre-tokenized rows, so the pieces need no meaning."""
-    from tokenizers import Tokenizer, models
+def build_tokenizer(vocab: int, pad_id: int, eos_id: int, padding_side: str = "right"):
+    """A WordLevel tokenizer with one piece `<id{i}>` per id: TRL wants a processing_class
+    with pad and EOS pieces. It never tokenizes pre-tokenized rows (SFT, RM); text made of
+    these pieces (DPO, GRPO prompts) splits at every piece and encodes to exactly those ids,
+    with no BOS, EOS or merges, so TRL's own tokenization gives back megarlhf's ids."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     pieces = {f"<id{i}>": i for i in range(vocab)}
     tok = Tokenizer(models.WordLevel(pieces, unk_token=f"<id{pad_id}>"))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=f"<id{pad_id}>", eos_token=f"<id{eos_id}>")
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"<id\d+>"), behavior="isolated")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token=f"<id{pad_id}>", eos_token=f"<id{eos_id}>", padding_side=padding_side
+    )
+
+
+def load_policy(path: str):
+    """A Hugging Face LlamaForCausalLM folder in float32 with SDPA attention, on CPU."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
 
 
 def build_model(args):
@@ -79,6 +113,8 @@ def build_model(args):
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
     torch.manual_seed(args.seed)
+    if args.stage == "dpo":
+        return load_policy(args.policy)
     config = LlamaConfig(
         vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.ffn,
         num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
@@ -163,9 +199,12 @@ def main(argv=None) -> int:
     common = dict(
         output_dir=tempfile.mkdtemp(prefix="trl_baseline_"), max_steps=args.steps,
         per_device_train_batch_size=args.micro_batch_size, gradient_accumulation_steps=args.grad_accum,
-        learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=args.warmup_lr_steps,
+        learning_rate=args.lr, warmup_steps=args.warmup_lr_steps,
+        # TRL's "constant" ignores warm-up steps; megarlhf's constant schedule warms up first.
+        lr_scheduler_type="constant_with_warmup" if args.lr_scheduler == "constant" else args.lr_scheduler,
         weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, max_length=args.max_length,
-        # TRL turns activation (gradient) checkpointing on by default; megarlhf's configs recompute nothing.
+        # TRL turns activation (gradient) checkpointing and bf16 on by default; megarlhf's
+        # configs recompute nothing and train in float32.
         activation_checkpointing=False, use_cpu=True, bf16=False, dataloader_num_workers=0,
         dataset_num_proc=None, report_to=[], save_strategy="no", logging_steps=args.steps + 1,
         disable_tqdm=True, seed=args.seed,
@@ -173,9 +212,20 @@ def main(argv=None) -> int:
     if args.stage == "sft":
         config = trl.SFTConfig(**common, packing=False, completion_only_loss=True)
         trainer = trl.SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
-    else:
+    elif args.stage == "rm":
         config = trl.RewardConfig(**common)
         trainer = trl.RewardTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
+    else:
+        # RPO (megarlhf's rpo_alpha): DPO loss + alpha x NLL of the chosen answers.
+        losses = [args.loss_type, "sft"] if args.rpo_alpha else [args.loss_type]
+        config = trl.DPOConfig(
+            **common, beta=args.beta, loss_type=losses, loss_weights=[1.0, args.rpo_alpha][: len(losses)],
+            precompute_ref_log_probs=False,
+        )  # fmt: skip
+        trainer = trl.DPOTrainer(
+            model=model, ref_model=load_policy(args.policy), args=config, train_dataset=dataset,
+            processing_class=tokenizer,
+        )  # fmt: skip
     if len(trainer.train_dataset) != len(dataset):
         raise SystemExit(f"error: TRL dropped {len(dataset) - len(trainer.train_dataset)} of {len(dataset)} rows")
 
@@ -194,6 +244,8 @@ def main(argv=None) -> int:
         "versions": {"trl": trl.__version__, "transformers": transformers.__version__, "torch": torch.__version__},
         **summarize(timer.rows, args.warmup), "per_step": timer.rows,
     }  # fmt: skip
+    if args.stage == "dpo":
+        result["dpo"] = {k: getattr(trainer, k) for k in ("beta", "loss_types", "loss_weights")}
     print(json.dumps(result))
     return 0
 
