@@ -11,7 +11,9 @@ Two objectives: "grpo" (std-scaled group advantages, 2 iterations x 2 minibatche
 ratio moves off 1 and clips, sequence-level aggregation, clip-higher, beta x k3 KL loss
 to a reference at its own layout, missing-EOS penalty, truncated responses masked) and
 "rloo_on_policy" (leave-one-out baseline, one step, no reference: the training pass's
-own log-probs are the old ones).
+own log-probs are the old ones), and "reinforce_pp_baseline" (group-centred scores, k1 KL
+to the reference in the per-token reward, returns normalised over the whole batch, groups
+of equal rewards filtered out).
 """
 
 from __future__ import annotations
@@ -31,6 +33,10 @@ OBJECTIVES = {
         "grpo.missing_eos_penalty=0.5", "grpo.mask_truncated_completions=true",
     ],
     "rloo_on_policy": ["grpo.advantage_estimator=rloo", "grpo.beta=0", "grpo.loss_aggregation=token"],
+    "reinforce_pp_baseline": [
+        "grpo.advantage_estimator=reinforce_pp_baseline", "grpo.beta=0.1", "grpo.kl_estimator=k1",
+        "grpo.filter_groups=true",
+    ],
 }  # fmt: skip
 
 
