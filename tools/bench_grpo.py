@@ -91,7 +91,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_ppo import pct, read_metrics, run_measured  # noqa: E402
+from bench_ppo import pct, print_figures, read_metrics, run_measured  # noqa: E402
 from bench_vs_trl import check_idle, export_hf, id_text, prepare_data, train_sft  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -251,13 +251,7 @@ def print_table(ours: dict, trl: dict | None, cfg, args) -> None:
         ("optimizer steps / iteration", "optimizer_steps_per_iteration", "{:.0f}"),
         ("mean rule score (all iterations)", "rule_score", "{:.3f}"),
     ]
-    head = f"{'figure':<34}{'megarlhf':>10}" + (f"{'TRL':>10}{'megarlhf/TRL':>14}" if trl else "")
-    print("\n" + head + "\n" + "-" * len(head))
-    for label, key, fmt in rows:
-        line = f"{label:<34}{fmt.format(ours[key]):>10}"
-        if trl:
-            line += f"{fmt.format(trl[key]):>10}{ours[key] / trl[key]:>13.2f}x"
-        print(line)
+    print_figures(rows, ours, trl)
     if trl:  # the figure: iterations per second, the inverse ratio of seconds per iteration
         speedup = trl["seconds_per_iteration"] / ours["seconds_per_iteration"]
         print(f"{'iteration throughput (1/seconds)':<34}{'':>20}{speedup:>13.2f}x")

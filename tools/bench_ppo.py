@@ -275,6 +275,17 @@ def pct(part: float, whole: float) -> str:
     return f"{100 * part / whole:.0f}%"
 
 
+def print_figures(rows: list[tuple[str, str, str]], ours: dict, trl: dict | None) -> None:
+    """The side-by-side table: (label, key, format) rows of megarlhf's figures, TRL's and the ratio."""
+    head = f"{'figure':<34}{'megarlhf':>10}" + (f"{'TRL':>10}{'megarlhf/TRL':>14}" if trl else "")
+    print("\n" + head + "\n" + "-" * len(head))
+    for label, key, fmt in rows:
+        line = f"{label:<34}{fmt.format(ours[key]):>10}"
+        if trl:
+            line += f"{fmt.format(trl[key]):>10}{ours[key] / trl[key]:>13.2f}x"
+        print(line)
+
+
 def print_table(ours: dict, trl: dict | None, cfg, args) -> None:
     rows = [
         ("seconds / iteration (mean)", "seconds_per_iteration", "{:.2f}"),
@@ -286,13 +297,7 @@ def print_table(ours: dict, trl: dict | None, cfg, args) -> None:
         ("peak RSS (MiB)", "peak_rss_mib", "{:.0f}"),
         ("optimizer steps / iteration", "optimizer_steps_per_iteration", "{:.0f}"),
     ]
-    head = f"{'figure':<34}{'megarlhf':>10}" + (f"{'TRL':>10}{'megarlhf/TRL':>14}" if trl else "")
-    print("\n" + head + "\n" + "-" * len(head))
-    for label, key, fmt in rows:
-        line = f"{label:<34}{fmt.format(ours[key]):>10}"
-        if trl:
-            line += f"{fmt.format(trl[key]):>10}{ours[key] / trl[key]:>13.2f}x"
-        print(line)
+    print_figures(rows, ours, trl)
     ph, it = ours["phase_seconds"], ours["seconds_per_iteration"]
     print("\nmegarlhf per phase (% of time/iteration): " + ", ".join(f"{p} {pct(ph[p], it)}" for p in PHASES)
           + f"; seconds/iteration incl. the loop: {ours['loop_seconds_per_iteration'] or float('nan'):.2f}")  # fmt: skip
