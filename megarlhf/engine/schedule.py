@@ -29,6 +29,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 from megatron.core.utils import get_model_config
 
+from megarlhf.parallel import cpu_compat
 from megarlhf.parallel.layout import RoleGroups
 
 Batch = dict[str, torch.Tensor]
@@ -83,10 +84,12 @@ def run_microbatches(
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
-        output = model(batch["tokens"], batch["position_ids"], None)
+        with cpu_compat.fast_path():
+            output = model(batch["tokens"], batch["position_ids"], None)
 
         def loss_func(output_tensor):
-            loss, stats = loss_fn(output_tensor, batch)
+            with cpu_compat.fast_path():
+                loss, stats = loss_fn(output_tensor, batch)
             return loss, _ONE, stats
 
         return output, loss_func

@@ -24,7 +24,7 @@ from megatron.core.transformer.transformer_block import (
 )
 
 from megarlhf.config import ConfigError, ModelConfig
-from megarlhf.models.attention import SDPAttention
+from megarlhf.models.attention import KeyRopeCachedSelfAttention, SDPAttention
 from megarlhf.models.heads import ValueHead
 from megarlhf.parallel.layout import RoleGroups
 
@@ -113,8 +113,11 @@ def _use_te(cfg: ModelConfig) -> bool:
 def decoder_spec(cfg: ModelConfig, config: TransformerConfig, pp_rank: int):
     """The decoder spec: TE fused layers, or the local spec with SDPA and torch norms."""
     if _use_te(cfg):
-        return get_gpt_layer_with_transformer_engine_spec()
+        spec = get_gpt_layer_with_transformer_engine_spec()
+        spec.submodules.self_attention.module = KeyRopeCachedSelfAttention
+        return spec
     spec = get_gpt_layer_local_spec(normalization="RMSNorm" if cfg.arch == "llama" else "LayerNorm")
+    spec.submodules.self_attention.module = KeyRopeCachedSelfAttention
     attn = spec.submodules.self_attention.submodules
     if cfg.attention_backend == "sdpa":
         attn.core_attention = SDPAttention

@@ -27,6 +27,22 @@ def test_cuda_placements_land_on_cpu():
     assert torch.tensor([1.0], device="cuda", pin_memory=True).device.type == "cpu"
 
 
+def test_fast_path_runs_without_the_mode_and_restores_it():
+    from megatron.core.transformer.utils import get_default_causal_mask
+
+    with cpu_compat.fast_path():
+        # No rewriting in here: a literal CUDA placement fails loudly instead.
+        with pytest.raises((AssertionError, RuntimeError)):
+            torch.zeros(1, device="cuda")
+        # ... except the causal mask the model's unfused attention builds (patched to CPU).
+        assert torch.equal(get_default_causal_mask(3), torch.ones(3, 3, dtype=torch.bool).triu(1))
+        with cpu_compat.fast_path():  # nesting is harmless
+            pass
+        with pytest.raises((AssertionError, RuntimeError)):
+            torch.zeros(1, device="cuda")
+    assert torch.zeros(1, device="cuda").device.type == "cpu"
+
+
 def test_type_names_report_cuda_but_conversions_still_work():
     assert torch.zeros(1).type() == "torch.cuda.FloatTensor"
     assert torch.zeros(1, dtype=torch.bfloat16).type() == "torch.cuda.BFloat16Tensor"
