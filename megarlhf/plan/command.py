@@ -58,13 +58,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--offload-frozen", action="store_true")
     g = p.add_argument_group("output")
     g.add_argument("--top", type=int, default=3, help="alternatives listed by the search (default 3)")
-    g.add_argument("--gpu-sampling", action="store_true",
-                   help="what-if: drop the engine's per-step host sampling (as if it sampled on the GPU)")
     g.add_argument("--calibrate", action="store_true",
                    help="published peer step times vs predicted, the fitted factors, and megarlhf's plan on the same GPUs")
     g.add_argument("--json", action="store_true", help="print JSON instead of tables")
-    g.add_argument("--measure-host", action="store_true",
-                   help="time megarlhf's per-row sampling on this machine (imports torch) and exit")
 
 
 def _workload(args) -> Workload:
@@ -140,7 +136,7 @@ def calibration(eff: Efficiency) -> dict:
 
 def _megarlhf_on(row, eff: Efficiency) -> dict:
     """megarlhf's searched layout for the row's model, GPUs and batch (prompt/response as the
-    row's assumptions), with the engine as it is and with sampling moved to the GPU."""
+    row's assumptions)."""
     from megarlhf.plan import peers
 
     if row.framework == "nemo-aligner":
@@ -152,14 +148,11 @@ def _megarlhf_on(row, eff: Efficiency) -> dict:
         work = Workload(rollout_batch=1024, global_batch=128, prompt_length=peers.OPENRLHF_PROMPT_TOKENS,
                         response_length=1024, mean_response_length=peers.OPENRLHF_MEAN_RESPONSE)  # fmt: skip
     cluster = Cluster(row.gpu, row.gpus // 8)
-    out = {}
-    for key, host in (("as_is", True), ("gpu_sampling", False)):
-        sub, plans = search_nodes(model, model, cluster, work, eff, host_sampling=host, top=1)
-        p = plans[0]
-        out[key] = {"gpus_used": sub.world, "layout": p.layouts.describe(), "seconds": round(p.seconds, 1),
-                    "phases_s": {k: round(v, 1) for k, v in p.phases.items()}, "fits": p.fits,
-                    "peak_gib": round(p.peak_memory / GIB, 1)}  # fmt: skip
-    return out
+    sub, plans = search_nodes(model, model, cluster, work, eff, top=1)
+    p = plans[0]
+    return {"gpus_used": sub.world, "layout": p.layouts.describe(), "seconds": round(p.seconds, 1),
+            "phases_s": {k: round(v, 1) for k, v in p.phases.items()}, "fits": p.fits,
+            "peak_gib": round(p.peak_memory / GIB, 1)}  # fmt: skip
 
 
 def calibration_table(cal: dict) -> str:
@@ -169,51 +162,24 @@ def calibration_table(cal: dict) -> str:
         f"  mfu {e['mfu']:.2f}  hbm {e['hbm']:.2f}  decode_step {e['decode_step_s'] * 1e3:.1f} ms  "
         f"comm {e['comm']:.2f} (fixed)  latency {e['latency_s'] * 1e6:.0f} us (fixed)",
         "",
-        f"{'row':<42}{'published s':>12}{'predicted s':>12}{'error':>8}{'left out':>9}   megarlhf (as is / GPU sampling)",
+        f"{'row':<42}{'published s':>12}{'predicted s':>12}{'error':>8}{'left out':>9}   megarlhf",
     ]
     for r in cal["rows"]:
         m = r["megarlhf"]
-        used = m["as_is"]["gpus_used"]
-        if not m["as_is"]["fits"]:
-            ours = f"does not fit: {m['as_is']['peak_gib']:.0f} GiB per GPU at best"
+        used = m["gpus_used"]
+        if not m["fits"]:
+            ours = f"does not fit: {m['peak_gib']:.0f} GiB per GPU at best"
         else:
-            ours = f"{m['as_is']['seconds']:.0f} / {m['gpu_sampling']['seconds']:.0f} s"
+            ours = f"{m['seconds']:.0f} s"
         ours += f" on {used} of {r['gpus']} GPUs" if used != r["gpus"] else ""
         lines.append(f"{r['row']:<42}{r['published_s']:>12.1f}{r['predicted_s']:>12.1f}{r['error']:>+8.1%}"
                      f"{r['error_left_out']:>+9.1%}   {ours}")  # fmt: skip
     return "\n".join(lines)
 
 
-def measure_host() -> dict:
-    """Seconds per row of megarlhf's host-side sampling at a few vocabulary sizes."""
-    import time
-
-    import torch
-
-    from megarlhf.rollout.sampling import SamplingParams, sample_tokens
-
-    params, out = SamplingParams(max_new_tokens=1, temperature=1.0), {}
-    for vocab in (8192, 32000, 65536, 128256, 152064):
-        rows = 16
-        logits = torch.randn(rows, vocab)
-        gens = [torch.Generator().manual_seed(i) for i in range(rows)]
-        best = float("inf")
-        for _ in range(3):
-            t0 = time.perf_counter()
-            drawn = sample_tokens(logits, params, gens)
-            torch.log_softmax(logits, dim=-1).gather(1, drawn.unsqueeze(1))
-            best = min(best, time.perf_counter() - t0)
-        out[vocab] = best / rows
-    return out
-
-
 def run(args: argparse.Namespace) -> int:
     prog = "megarlhf plan"
     try:
-        if args.measure_host:
-            for vocab, s in measure_host().items():
-                print(f"vocab {vocab:>7}: {s * 1e3:.2f} ms per row")
-            return 0
         eff = Efficiency()
         if args.calibrate:
             cal = calibration(eff)
@@ -223,7 +189,6 @@ def run(args: argparse.Namespace) -> int:
         reward_model = load_shape(args.reward_model) if args.reward_model else model
         cluster = Cluster(get_gpu(args.gpu), args.nodes, args.gpus_per_node)
         work = _workload(args)
-        host = not args.gpu_sampling
         header = [
             f"model    {args.model}: {describe(model)}" + (f"; reward/critic {describe(reward_model)}" if args.reward_model else ""),
             f"cluster  {cluster.nodes} x {cluster.gpus_per_node} {cluster.gpu.name} ({cluster.world} GPUs, "
@@ -233,9 +198,9 @@ def run(args: argparse.Namespace) -> int:
             f"{work.response_length} (mean {work.mean_response:.0f})" + ("" if work.critic else ", no critic"),
         ]  # fmt: skip
         if args.actor:
-            used, plans = cluster, [plan(model, reward_model, cluster, work, _layouts(args), eff, host_sampling=host)]
+            used, plans = cluster, [plan(model, reward_model, cluster, work, _layouts(args), eff)]
         else:
-            used, plans = search_nodes(model, reward_model, cluster, work, eff, host_sampling=host, top=args.top)
+            used, plans = search_nodes(model, reward_model, cluster, work, eff, top=args.top)
         if args.json:
             out = {"model": describe(model), "gpu": cluster.gpu.name, "gpus": cluster.world, "gpus_used": used.world,
                    "workload": asdict(work), "efficiency": eff.as_dict(), "plans": [plan_dict(p, used) for p in plans]}  # fmt: skip

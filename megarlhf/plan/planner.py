@@ -5,8 +5,9 @@ What is modelled is what megarlhf runs (trainers/ppo.py, trainers/rollout.py): t
 roles colocated on every GPU and time-sliced; one iteration =
   generate   the rollout engine (TP-only, `generation_tp`) decodes each replica's share
              of the prompts as ONE static batch: prefill to the shortest prompt, one step
-             per position after it, until the longest response ends; after every step
-             the logits go to the host, which draws each row with its own generator;
+             per position after it, until the longest response ends; the engine
+             samples every row on the GPU in one step (within the decode step's
+             fixed cost, timing.Efficiency.decode_step_s);
   score      forward passes of reward, reference, actor and critic at their layouts;
   train      epochs x minibatches of an actor and a critic optimizer step (Megatron DDP,
              gradients reduced after the last microbatch, not overlapped);
@@ -39,26 +40,6 @@ from megarlhf.plan.timing import (
 )
 
 RECOMPUTE = ("none", "selective", "full")
-
-# The host side of one decode step in megarlhf's engine (rollout/engine.py): per row, a
-# softmax over the vocabulary and torch.multinomial with the row's own generator, in a
-# Python loop. Seconds per row, measured on this project's 2-core CPU with
-# `python tools/plan_rlhf.py --measure-host` (torch 2.13; best of several runs, +-50%
-# when the machine is busy): torch's CPU multinomial costs ~10x more per row above 2^16
-# categories. A GPU node's host cores are faster, but the loop is one row at a time.
-HOST_SECONDS_PER_ROW = ((8192, 1.5e-3), (32000, 2.1e-3), (65536, 23e-3), (128256, 23e-3), (152064, 26e-3))
-
-
-def host_row_seconds(vocab: int) -> float:
-    """Interpolated per-row sampling cost for a vocabulary of `vocab` entries."""
-    pts = HOST_SECONDS_PER_ROW
-    if vocab <= pts[0][0]:
-        return pts[0][1]
-    for (v0, s0), (v1, s1) in zip(pts, pts[1:]):
-        if vocab <= v1:
-            return s0 + (s1 - s0) * (vocab - v0) / (v1 - v0)
-    return pts[-1][1] * vocab / pts[-1][0]
-
 
 @dataclass(frozen=True)
 class RoleLayout:
@@ -314,11 +295,10 @@ class EngineCost:
     refit_s: float
     rows: int
     steps: float
-    host_step_s: float
 
 
 def engine_cost(model: ModelConfig, actor: RoleLayout, generation_tp: int, cluster: Cluster, work: Workload,
-                eff: Efficiency, host_sampling: bool = True) -> EngineCost:  # fmt: skip
+                eff: Efficiency) -> EngineCost:  # fmt: skip
     world, gpu = cluster.world, cluster.gpu
     check_layout(model, RoleLayout(generation_tp, 1), world, "generation")
     replicas = world // generation_tp
@@ -330,14 +310,10 @@ def engine_cost(model: ModelConfig, actor: RoleLayout, generation_tp: int, clust
     rows = work.rollout_batch // replicas
     shared = actor.pp == 1 and actor.tp == generation_tp
     copy = 0.0 if shared else stage_parameters(model, generation_tp, 1)[0] * mem.DTYPE_BYTES[model.params_dtype]
-    host = 0.0
-    if host_sampling:  # logits to the host, then one multinomial per row
-        v = model.padded_vocab_size
-        host = rows * host_row_seconds(v) + rows * v * 4 / (gpu.pcie_bytes_per_s * eff.comm)
     seconds, steps = generate_seconds(
         model, gpu, eff, tp=generation_tp, batch=rows, rounds=1, prompt=work.min_prompt_length,
         mean_response=work.mean_response, max_response=work.response_length,
-        extra_steps=work.max_prompt_length - work.min_prompt_length, host_per_step_s=host,
+        extra_steps=work.max_prompt_length - work.min_prompt_length,
     )  # fmt: skip
     refit = 0.0
     if not shared:  # Megatron's resharding planner moves each GPU's new shard
@@ -345,7 +321,7 @@ def engine_cost(model: ModelConfig, actor: RoleLayout, generation_tp: int, clust
         refit = copy / ((gpu.network_bytes_per_s if spans else gpu.nvlink_bytes_per_s) * eff.comm)
     kv = mem.kv_cache_bytes(model, generation_tp, rows, work.max_prompt_length + work.response_length)
     prefill = mem.prefill_logits_bytes(model, rows, work.min_prompt_length)
-    return EngineCost(generation_tp, copy, kv, prefill, seconds, refit, rows, steps, host)
+    return EngineCost(generation_tp, copy, kv, prefill, seconds, refit, rows, steps)
 
 
 def combine(roles: dict[str, RoleCost], engine: EngineCost, offload_optimizer: bool, offload_frozen: bool,
@@ -388,16 +364,15 @@ def _role_names(work: Workload) -> tuple[str, ...]:
 
 
 def plan(model: ModelConfig, reward_model: ModelConfig, cluster: Cluster, work: Workload, layouts: Layouts,
-         eff: Efficiency, *, host_sampling: bool = True) -> Plan:  # fmt: skip
+         eff: Efficiency) -> Plan:  # fmt: skip
     """Memory and seconds of one megarlhf iteration at `layouts`; ConfigError if the
-    layouts cannot be built. `host_sampling=False` drops the engine's per-step host cost
-    (what sampling on the GPU would give)."""
+    layouts cannot be built."""
     roles = {}
     for name in _role_names(work):
         head, trainable = ROLE_HEADS[name]
         cfg = model if name in ("actor", "reference") else reward_model
         roles[name] = role_cost(cfg, getattr(layouts, name), head, trainable, cluster, work, eff, name)
-    engine = engine_cost(model, layouts.actor, layouts.generation_tp, cluster, work, eff, host_sampling)
+    engine = engine_cost(model, layouts.actor, layouts.generation_tp, cluster, work, eff)
     memory, seconds = combine(roles, engine, layouts.offload_optimizer, layouts.offload_frozen, cluster.gpu, eff)
     per_role = {
         n: {"weights": r.states.weights, "grads": r.states.grads, "optimizer": r.states.optimizer,
@@ -407,11 +382,6 @@ def plan(model: ModelConfig, reward_model: ModelConfig, cluster: Cluster, work: 
     per_role["engine"] = {"weights": engine.weights, "grads": 0.0, "optimizer": 0.0,
                           "activations": engine.prefill_logits, "kv_cache": engine.kv_cache}  # fmt: skip
     notes = [f"generation: {engine.rows} rows per engine replica, ~{engine.steps:.0f} decode steps"]
-    if host_sampling:
-        notes.append(
-            f"host sampling + logits copy: {engine.host_step_s * 1e3:.0f} ms per decode step "
-            f"({engine.rows} rows, vocab {model.padded_vocab_size})"
-        )
     return Plan(layouts, per_role, memory, cluster.gpu.memory_bytes, seconds, notes)
 
 
@@ -434,7 +404,7 @@ SEARCH_RECOMPUTE = ("none", "full")
 
 
 def search(model: ModelConfig, reward_model: ModelConfig, cluster: Cluster, work: Workload, eff: Efficiency, *,
-           host_sampling: bool = True, top: int = 5) -> list[Plan]:  # fmt: skip
+           top: int = 5) -> list[Plan]:  # fmt: skip
     """Every layout megarlhf can build here (TP inside a node, sequence parallel with TP,
     PP dividing the layers, the distributed optimizer on, reference and reward at one
     layout, the critic at the actor's recompute setting, each offload flag on or off),
@@ -482,7 +452,7 @@ def search(model: ModelConfig, reward_model: ModelConfig, cluster: Cluster, work
                 key = (a.layout.tp, a.layout.pp, g)
                 if key not in engines:
                     try:
-                        engines[key] = engine_cost(model, a.layout, g, cluster, work, eff, host_sampling)
+                        engines[key] = engine_cost(model, a.layout, g, cluster, work, eff)
                     except ConfigError:
                         engines[key] = None
                 engine = engines[key]
@@ -508,7 +478,7 @@ def search(model: ModelConfig, reward_model: ModelConfig, cluster: Cluster, work
         c = roles.get("critic")
         layouts = Layouts(roles["actor"].layout, c.layout if c else None, roles["reference"].layout,
                           roles["reward"].layout, engine.generation_tp, off_opt, off_frozen)  # fmt: skip
-        plans.append(plan(model, reward_model, cluster, work, layouts, eff, host_sampling=host_sampling))
+        plans.append(plan(model, reward_model, cluster, work, layouts, eff))
     return plans
 
 

@@ -40,7 +40,8 @@ class Efficiency:
     decode_step_s: float = 9.1e-3
     """Fixed cost of one decode step outside the matmuls and TP collectives: kernel
     launches, sampling, host synchronisation of the peers' engines (TRT-LLM, vLLM as of
-    2024) driven from Python. Fitted."""
+    2024) driven from Python. Fitted. megarlhf's engine, which also samples every row on
+    the GPU within the step, is costed with the same value."""
     comm: float = 0.80
     """Fraction of a link's bandwidth large collectives reach (NCCL all-reduce/all-gather
     bus bandwidth over the link rate, from nccl-tests). Fixed, not fitted."""
@@ -142,13 +143,13 @@ def prefill_seconds(cfg: ModelConfig, gpu: GPU, eff: Efficiency, *, tp: int, bat
 
 def generate_seconds(cfg: ModelConfig, gpu: GPU, eff: Efficiency, *, tp: int, batch: int, rounds: int,
                      prompt: float, mean_response: float, max_response: int, rows_waited: int | None = None,
-                     extra_steps: float = 0.0, host_per_step_s: float = 0.0) -> tuple[float, float]:  # fmt: skip
+                     extra_steps: float = 0.0) -> tuple[float, float]:  # fmt: skip
     """`rounds` static batches of `batch` rows on one engine replica; a round ends when the
     longest of `rows_waited` responses (default: the batch) is done, after `extra_steps`
     more steps (prompt positions fed one at a time). Returns (seconds, decode steps per round)."""
     steps = extra_steps + expected_max_length(mean_response, max_response, rows_waited or batch)
     step = decode_step_seconds(cfg, gpu, eff, tp=tp, batch=batch, context=prompt + steps / 2)
-    per_round = prefill_seconds(cfg, gpu, eff, tp=tp, batch=batch, prompt=prompt) + steps * (step + host_per_step_s)
+    per_round = prefill_seconds(cfg, gpu, eff, tp=tp, batch=batch, prompt=prompt) + steps * step
     return rounds * per_round, steps
 
 

@@ -23,8 +23,9 @@ import torch
 import torch.distributed as dist
 from megatron.core.inference.contexts import StaticInferenceContext
 
+from megarlhf.parallel import cpu_compat
 from megarlhf.parallel.layout import RoleGroups
-from megarlhf.rollout.sampling import SamplingParams, sample_tokens
+from megarlhf.rollout.sampling import SamplingParams, row_uniforms, sample_tokens
 
 
 @dataclass
@@ -42,6 +43,8 @@ class Rollouts:
     """[B, T] 1.0 on response tokens."""
     logprobs: torch.Tensor
     """[B, T] log-prob of each response token under the sampling policy (temperature-scaled)."""
+    entropies: torch.Tensor
+    """[B, T] entropy of the (temperature-scaled) distribution each response token was drawn from."""
     finish_reasons: list[str]
     """'stop' (EOS or a stop token) or 'length' (max_new_tokens reached)."""
 
@@ -72,7 +75,11 @@ class GenerationEngine:
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams, seeds: list[int]) -> Rollouts:
-        """Generate one response per prompt; sample i draws from torch.Generator(seeds[i])."""
+        """Generate one response per prompt; sample i draws from torch.Generator(seeds[i])'s stream."""
+        with cpu_compat.fast_path():
+            return self._generate(prompts, params, seeds)
+
+    def _generate(self, prompts: list[list[int]], params: SamplingParams, seeds: list[int]) -> Rollouts:
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         if any(len(p) == 0 for p in prompts):
@@ -81,59 +88,59 @@ class GenerationEngine:
         self.model.eval()
         device = next(self.model.parameters()).device
         b = len(prompts)
-        prompt_lengths = torch.tensor([len(p) for p in prompts])
-        max_prompt = int(prompt_lengths.max())
+        prompt_lengths = torch.tensor([len(p) for p in prompts], device=device)
+        max_prompt = max(len(p) for p in prompts)
         total = max_prompt + params.max_new_tokens
         tokens = torch.full((b, total), self.pad_id, dtype=torch.long)
         for i, p in enumerate(prompts):
             tokens[i, : len(p)] = torch.tensor(p)
-        positions = torch.arange(total).expand(b, total)
-        logprobs = torch.zeros(b, total)
-        response_mask = torch.zeros(b, total)
-        done = torch.zeros(b, dtype=torch.bool)
-        finish = ["length"] * b
-        stop_ids = torch.tensor(sorted({self.eos_id, *params.stop_token_ids}))
-        generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        tokens = tokens.to(device)
+        positions = torch.arange(total, device=device).expand(b, total)
+        logprobs = torch.zeros(b, total, device=device)
+        entropies = torch.zeros(b, total, device=device)
+        response_mask = torch.zeros(b, total, device=device)
+        done = torch.zeros(b, dtype=torch.bool, device=device)
+        stopped_any = torch.zeros(b, dtype=torch.bool, device=device)
+        stop_ids = torch.tensor(sorted({self.eos_id, *params.stop_token_ids}), device=device)
+        # Row i's k-th response token is drawn with uniforms[i, k]: its own seed's stream.
+        uniforms = row_uniforms(seeds, params.max_new_tokens, device)
+        rows = torch.arange(b, device=device)
         last_position = prompt_lengths + params.max_new_tokens - 1  # per-sample length budget
 
         ctx = StaticInferenceContext(b, total)
-        start = int(prompt_lengths.min())
-        logits = self._logits(tokens[:, :start].to(device), positions[:, :start].to(device), ctx)
+        start = min(len(p) for p in prompts)
+        logits = self._logits(tokens[:, :start], positions[:, :start], ctx)
         ctx.increment_sequence_len_offset(start)
         for t in range(start, total):
             # `logits` predict position t. Samples still in their prompt keep their token.
-            logits = logits.cpu()
             generating = (prompt_lengths <= t) & ~done
-            # Draw only for samples that generate: sample i's RNG stream then depends on
-            # nothing but its own seed, whatever else shares the batch.
-            drawn = torch.full((b,), self.pad_id, dtype=torch.long)
-            rows = generating.nonzero().flatten().tolist()
-            if rows:
-                drawn[rows] = sample_tokens(logits[rows], params, [generators[i] for i in rows])
+            k = (t - prompt_lengths).clamp(0, params.max_new_tokens - 1)
+            drawn = sample_tokens(logits, params, uniforms[rows, k])
             logp = torch.log_softmax(logits / params.logprob_temperature, dim=-1)
             chosen = logp.gather(1, drawn.unsqueeze(1)).squeeze(1)
             tokens[:, t] = torch.where(generating, drawn, tokens[:, t])
             logprobs[:, t] = torch.where(generating, chosen, logprobs[:, t])
+            entropies[:, t] = torch.where(generating, -(logp.exp() * logp).sum(-1), 0.0)
             response_mask[:, t] = generating.float()
             stopped = generating & torch.isin(drawn, stop_ids)
-            for i in stopped.nonzero().flatten().tolist():
-                finish[i] = "stop"
+            stopped_any |= stopped
             done |= stopped | (generating & (t >= last_position))
-            if bool(done.all()) or t == total - 1:
+            if t == total - 1 or bool(done.all()):
                 break
             ctx.enable_decode_mode()
-            logits = self._logits(tokens[:, t : t + 1].to(device), positions[:, t : t + 1].to(device), ctx)
+            logits = self._logits(tokens[:, t : t + 1], positions[:, t : t + 1], ctx)
             ctx.increment_sequence_len_offset(1)
         if was_training:
             self.model.train()
         self._check_tp_agreement(tokens)
         return Rollouts(
-            tokens=tokens,
-            prompt_lengths=prompt_lengths,
-            response_lengths=response_mask.sum(1).long(),
-            response_mask=response_mask,
-            logprobs=logprobs,
-            finish_reasons=finish,
+            tokens=tokens.cpu(),
+            prompt_lengths=prompt_lengths.cpu(),
+            response_lengths=response_mask.sum(1).long().cpu(),
+            response_mask=response_mask.cpu(),
+            logprobs=logprobs.cpu(),
+            entropies=entropies.cpu(),
+            finish_reasons=["stop" if s else "length" for s in stopped_any.tolist()],
         )
 
     def _check_tp_agreement(self, tokens: torch.Tensor) -> None:

@@ -1,7 +1,10 @@
-"""Token sampling: temperature, top-k, top-p, greedy, with one RNG per sample.
+"""Token sampling: temperature, top-k, top-p, greedy, with one random stream per sample.
 
-Layer: rollout/ (pure torch). Per-sample generators make a rollout reproducible whatever
-else is in the batch: sample i's draws depend only on its own seed and step.
+Layer: rollout/ (pure torch). Every sample owns a stream of uniforms drawn up front from
+torch.Generator(seed) (`row_uniforms`); its k-th response token is drawn by inverting the
+filtered softmax's CDF at its k-th uniform. So a rollout is reproducible whatever else is
+in the batch (sample i's draws depend only on its own seed and position), and one step
+samples every row at once, on the device that holds the logits.
 """
 
 from __future__ import annotations
@@ -65,11 +68,24 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     return logits
 
 
-def sample_tokens(
-    logits: torch.Tensor, params: SamplingParams, generators: list[torch.Generator]
-) -> torch.Tensor:
-    """[B, V] float logits -> [B] token ids (greedy, or one draw per row from its generator)."""
+def row_uniforms(seeds: list[int], n: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """[B, n] float64 uniforms in [0, 1): row i is the first n draws of torch.Generator(seeds[i])."""
+    rows = [torch.rand(n, generator=torch.Generator().manual_seed(int(s)), dtype=torch.float64) for s in seeds]
+    return (torch.stack(rows) if rows else torch.empty(0, n, dtype=torch.float64)).to(device)
+
+
+def sample_tokens(logits: torch.Tensor, params: SamplingParams, uniforms: torch.Tensor) -> torch.Tensor:
+    """[B, V] float logits, [B] uniforms in [0, 1) -> [B] token ids.
+
+    Greedy: argmax (uniforms unused). Otherwise inverse-CDF sampling of the filtered
+    softmax(logits / T): the token whose CDF interval [F(i-1), F(i)) holds u * F(V-1).
+    Filtered tokens have empty intervals, so they are never drawn. The CDF is accumulated
+    in float64, exact enough at any vocabulary size.
+    """
     if params.greedy:
         return logits.argmax(dim=-1)
     probs = filter_logits(logits.float() / params.temperature, params.top_k, params.top_p).softmax(-1)
-    return torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)])
+    cdf = probs.double().cumsum(-1)
+    target = uniforms.to(cdf).unsqueeze(1) * cdf[:, -1:]
+    drawn = torch.searchsorted(cdf, target, right=True).squeeze(1)
+    return drawn.clamp_(max=logits.size(-1) - 1)

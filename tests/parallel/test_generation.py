@@ -80,7 +80,7 @@ def sampled_case(tp, temperature=0.8):
     # The trainer's recomputation of the same sequences: one forward, no cache.
     with torch.no_grad():
         logits = model(out.tokens, torch.arange(out.tokens.shape[1]).expand_as(out.tokens), None)
-        trainer_lp, _ = logprobs_and_entropy(
+        trainer_lp, trainer_ent = logprobs_and_entropy(
             logits[:, :-1], out.tokens[:, 1:], tp_group=g.tp, vocab_size=VOCAB, temperature=temperature
         )
     mask = out.response_mask[:, 1:].bool()
@@ -88,6 +88,7 @@ def sampled_case(tp, temperature=0.8):
     again = engine.generate(PROMPTS[:0:-1], params, seeds=[14, 13, 12])
     return {
         "max_diff": (trainer_lp[mask] - out.logprobs[:, 1:][mask]).abs().max().item(),
+        "entropy_diff": (trainer_ent[mask] - out.entropies[:, 1:][mask]).abs().max().item(),
         "responses": [out.response_ids(i) for i in range(4)],
         "again": [again.response_ids(i) for i in range(3)][::-1],
         "mask_tokens": int(mask.sum()),
@@ -99,6 +100,7 @@ def test_engine_logprobs_equal_trainer_logprobs_and_are_reproducible(world2, tp)
     for res in world2.run(sampled_case, tp):
         assert res["mask_tokens"] > 10
         assert res["max_diff"] < 1e-5, res["max_diff"]
+        assert res["entropy_diff"] < 1e-5, res["entropy_diff"]
         assert res["again"] == res["responses"][1:]
 
 

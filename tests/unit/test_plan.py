@@ -207,8 +207,22 @@ def test_load_shape_from_a_hugging_face_folder(tmp_path):
 def test_cli_without_critic_plans_three_roles(capsys):
     import json
 
-    argv = ["--model", "llama3-8b", "--nodes", "1", "--no-critic", "--gpu-sampling", "--json", "--top", "1"]
+    argv = ["--model", "llama3-8b", "--nodes", "1", "--no-critic", "--json", "--top", "1"]
     assert plan_main(argv) == 0
     p = json.loads(capsys.readouterr().out)["plans"][0]
     assert set(p["memory_gib_per_gpu"]) == {"actor", "reference", "reward", "engine"}
     assert "critic" not in p["layout"]
+
+
+def test_generation_is_the_device_decode_model_alone():
+    """The engine samples on the GPU inside its decode step: the generate phase is
+    prefill + decode steps at the fitted step cost, nothing per row on the host."""
+    from megarlhf.plan.timing import generate_seconds
+
+    cfg, cluster, eff = PRESETS["llama3-8b"], Cluster(get_gpu("H100"), 1), Efficiency()
+    work = Workload(rollout_batch=64, global_batch=32, response_length=512, max_prompt_length=512)
+    p = plan(cfg, cfg, cluster, work, Layouts(RoleLayout(2), RoleLayout(2), RoleLayout(2), RoleLayout(2), 2), eff)
+    expected, _ = generate_seconds(cfg, cluster.gpu, eff, tp=2, batch=64 // 4, rounds=1, prompt=work.min_prompt_length,
+                                   mean_response=work.mean_response, max_response=work.response_length,
+                                   extra_steps=work.max_prompt_length - work.min_prompt_length)  # fmt: skip
+    assert p.phases["generate"] == pytest.approx(expected)
