@@ -49,8 +49,17 @@ class GenerationConfig:
     tp: int = 0
     """Tensor-parallel size of the engine (0 = the actor's). The engine never uses PP: a
     PP actor generates through a TP-only copy kept in sync by weight refit."""
+    old_logprobs: str = "engine"
+    """Where the sampling policy's log-probs (PPO's and GRPO's "old" ones) come from:
+    'engine' = those the rollout engine computed while sampling (the actor's weights at the
+    same temperature; equal to a recompute within 1e-5 in float32), saving one forward pass
+    of the actor over the batch; 'recompute' = that extra pass, for when generation and
+    training run at different precisions or kernels (e.g. bf16 decode vs bf16 training
+    differ more than fp32 does)."""
 
     def __post_init__(self):
+        if self.old_logprobs not in ("engine", "recompute"):
+            raise ConfigError(f"generation.old_logprobs = {self.old_logprobs!r}: use 'engine' or 'recompute'")
         if self.response_length < 1:
             raise ConfigError(f"generation.response_length = {self.response_length}: must be >= 1")
         if self.temperature <= 0:

@@ -97,7 +97,7 @@ class GRPOTrainer(RolloutTrainer):
                     ref_logprobs, _ = self.policy_logprobs(self.reference, self.ctx["reference"], batch)
             if not self.on_policy:
                 with timer("score/actor"):
-                    old_logprobs, _ = self.policy_logprobs(self.actor.model, self.ctx["actor"], batch)
+                    old_logprobs, _ = self.sampling_logprobs(batch)
 
         with timer("advantages"):
             scores = raw_scores - g.missing_eos_penalty * (~finished).float() if g.missing_eos_penalty else raw_scores

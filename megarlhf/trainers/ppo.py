@@ -139,7 +139,7 @@ class PPOTrainer(RolloutTrainer):
             with timer("score/reference"):
                 ref_logprobs, _ = self.policy_logprobs(self.reference, self.ctx["reference"], batch)
             with timer("score/actor"):
-                old_logprobs, entropy = self.policy_logprobs(self.actor.model, self.ctx["actor"], batch)
+                old_logprobs, entropy = self.sampling_logprobs(batch)
             with timer("score/critic"):
                 old_values = self.values(batch)
 

@@ -316,15 +316,23 @@ class RolloutTrainer:
         local = None
         if is_row_owner(groups):
             pad = full_t - out.tokens.shape[1]
-            local = torch.cat(
-                [
-                    F.pad(out.tokens, (0, pad), value=self.tokenizer.pad_id).unsqueeze(-1).double(),
-                    F.pad(out.response_mask, (0, pad)).unsqueeze(-1).double(),
-                ],
-                dim=-1,
-            )
-        both = gather_rows(local, rows, (n, full_t, 2), owner=is_row_owner(groups), dtype=torch.float64, device=self.device)
-        return self.rollout_batch(both[..., 0].long().cpu(), both[..., 1].float().cpu(), items)
+            tokens = F.pad(out.tokens, (0, pad), value=self.tokenizer.pad_id)
+            columns = (tokens, *(F.pad(c, (0, pad)) for c in (out.response_mask, out.logprobs, out.entropies)))
+            local = torch.stack([c.double() for c in columns], dim=-1)
+        both = gather_rows(local, rows, (n, full_t, 4), owner=is_row_owner(groups), dtype=torch.float64, device=self.device).cpu()
+        batch = self.rollout_batch(both[..., 0].long(), both[..., 1].float(), items)
+        t = batch["tokens"].shape[1]
+        # The sampling policy's own log-probs and entropies (see generation.old_logprobs).
+        batch["engine_logprobs"] = F.pad(both[..., 2].float(), (0, max(0, t - full_t)))[:, :t] * batch["mask"]
+        batch["engine_entropy"] = F.pad(both[..., 3].float(), (0, max(0, t - full_t)))[:, :t] * batch["mask"]
+        return batch
+
+    def sampling_logprobs(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log-probs, entropies) [N, T] of the rollouts under the policy that sampled them:
+        the engine's (generation.old_logprobs = 'engine') or one more actor forward pass."""
+        if self.cfg.generation.old_logprobs == "engine":
+            return batch["engine_logprobs"], batch["engine_entropy"]
+        return self.policy_logprobs(self.actor.model, self.ctx["actor"], batch)
 
     def rollout_batch(self, tokens: torch.Tensor, mask: torch.Tensor, items: list[dict]) -> dict[str, torch.Tensor]:
         """tokens [N, T] (prompt, response, pad) + response mask -> the batch the update

@@ -51,7 +51,8 @@ def grpo_update_case(root: str, run_dir: str, overrides: list[str]):
         GRPOConfig, None,
         MODEL + [
             f"data.tokenizer={root}/data/sp.model", f"data.train_file={root}/data/prompts_train.jsonl",
-            "data.max_length=24", "generation.response_length=12",
+            # Fixed (not sampled) rollouts: the old log-probs come from an actor forward pass.
+            "data.max_length=24", "generation.response_length=12", "generation.old_logprobs=recompute",
             f"sft_model_path={root}/sft", f"reward_model_path={root}/rm",
             "reward_fn=megarlhf.data.synthetic:sort_reward_batch",
             f"train.run_dir={run_dir}", f"train.global_batch_size={PROMPTS}", "train.micro_batch_size=2",

@@ -88,7 +88,8 @@ def ppo_update_case(root: str, run_dir: str, overrides: list[str]):
         PPOConfig, None,
         MODEL + [
             f"data.tokenizer={root}/data/sp.model", f"data.train_file={root}/data/prompts_train.jsonl",
-            "data.max_length=24", "generation.response_length=12",
+            # Fixed (not sampled) rollouts: the old log-probs come from an actor forward pass.
+            "data.max_length=24", "generation.response_length=12", "generation.old_logprobs=recompute",
             f"sft_model_path={root}/sft", f"reward_model_path={root}/rm",
             "reward_fn=megarlhf.data.synthetic:sort_reward_batch",
             "ppo.ptx_coef=0.5", f"ptx_file={root}/data/sft.jsonl",
@@ -160,3 +161,42 @@ def test_ppo_update_tp2_pp2_matches_single_rank(world4, assets, tmp_path):
     overrides = ["layout.tp=2", "layout.pp=2", "reward_layout.tp=1", "reward_layout.pp=1", "reference_layout.tp=2", "reference_layout.pp=1"]
     result = world4.run(ppo_update_case, str(root), str(tmp_path / "run"), overrides)[0]
     _compare(result, reference)
+
+
+def sampling_logprobs_case(root: str, run_dir: str, overrides: list[str]):
+    """Rollouts from the trainer's own engine: the log-probs and entropies the engine
+    kept while sampling (generation.old_logprobs=engine, the default) against one more
+    forward pass of the actor at its training layout (=recompute)."""
+    import torch.distributed as dist
+
+    from megarlhf.config import PPOConfig, load_config
+    from megarlhf.rollout.sampling import SamplingParams
+    from megarlhf.trainers.ppo import PPOTrainer
+
+    cfg = load_config(
+        PPOConfig, None,
+        MODEL + [
+            f"data.tokenizer={root}/data/sp.model", f"data.train_file={root}/data/prompts_train.jsonl",
+            "data.max_length=24", "generation.response_length=12", "generation.temperature=0.7",
+            "generation.top_p=0.9", f"sft_model_path={root}/sft", f"reward_model_path={root}/rm",
+            f"train.run_dir={run_dir}", f"train.global_batch_size={ROLLOUTS}", "train.micro_batch_size=2",
+        ] + overrides,
+    )  # fmt: skip
+    trainer = PPOTrainer(cfg)
+    items = [trainer.prompts[i] for i in range(ROLLOUTS)]
+    batch = trainer.generate(items, SamplingParams(max_new_tokens=12, temperature=0.7, top_p=0.9), salt=3)
+    engine_lp, engine_ent = trainer.sampling_logprobs(batch)
+    lp, ent = trainer.policy_logprobs(trainer.actor.model, trainer.ctx["actor"], batch)
+    trainer.run.close()
+    if dist.get_rank() != 0:
+        return None
+    return {"lp": (engine_lp - lp).abs().max().item(), "ent": (engine_ent - ent).abs().max().item(),
+            "tokens": int(batch["mask"].sum()), "mean_lp": (lp.sum() / batch["mask"].sum()).item()}  # fmt: skip
+
+
+@pytest.mark.parametrize("overrides", [[], ["layout.pp=2"], ["layout.tp=2"]], ids=["dp2", "pp2_engine_copy", "tp2"])
+def test_engine_logprobs_are_the_old_logprobs(world2, assets, tmp_path, overrides):
+    root, _ = assets
+    res = world2.run(sampling_logprobs_case, str(root), str(tmp_path / "run"), overrides)[0]
+    assert res["tokens"] > 3 * ROLLOUTS and res["mean_lp"] < -0.05, res  # real, non-trivial samples
+    assert res["lp"] < 1e-5 and res["ent"] < 1e-5, res
