@@ -275,10 +275,11 @@ def check_layouts(cfg, stage: str, nodes: int, ranks_per_node: int) -> tuple[lis
     from megarlhf.parallel.layout import Layout
 
     world = nodes * ranks_per_node
-    lines, warnings = [], []
+    lines, warnings, dp = [], [], {}
     for role, (tp, pp) in role_layouts(cfg, stage).items():
         try:
             layout = Layout(tp, pp).resolve(world)
+            dp[role] = layout.dp
         except ValueError as err:
             raise type(err)(f"{role} layout: {err} ({nodes} nodes x {ranks_per_node} per node)") from None
         if role in (MAIN_ROLE.get(stage, "actor"), "reference", "rollout"):
@@ -300,9 +301,11 @@ def check_layouts(cfg, stage: str, nodes: int, ranks_per_node: int) -> tuple[lis
             )
         lines.append(f"{role} {layout}")
     if getattr(cfg, "generation", None) is None:
-        # Supervised stages: sequences per step over DP ranks (rollout stages check their own).
-        dp = world // (cfg.layout.tp * cfg.layout.pp)
-        cfg.train.num_microbatches(dp)
+        # Supervised stages: sequences per step over DP ranks.
+        cfg.train.num_microbatches(world // (cfg.layout.tp * cfg.layout.pp))
+    else:
+        # PPO/GRPO: the rollout batch and minibatches over every role's DP ranks.
+        cfg.check_batch_split(dp)
     return lines, warnings
 
 

@@ -9,8 +9,9 @@ older PPOConfig (adap_kl_ctrl, target, horizon).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from megarlhf.config.errors import ConfigError
 from megarlhf.config.model import ModelConfig
@@ -185,6 +186,38 @@ class RolloutConfig:
                 f"{self.model.max_seq_length}"
             )
 
+    trainable_roles: ClassVar[tuple[str, ...]] = ("actor",)
+
+    @property
+    def rollout_rows(self) -> int:
+        """Sequences generated per iteration."""
+        return self.train.global_batch_size
+
+    @property
+    def mini_batch_size(self) -> int:
+        """Sequences per optimizer step."""
+        raise NotImplementedError
+
+    def check_batch_split(self, dp: dict[str, int]) -> int:
+        """Every role must split the rollout batch, and each trainable role each minibatch,
+        into whole microbatches on each of its `dp[role]` data-parallel ranks (the engine,
+        role 'rollout', just into equal shares). Raises ConfigError; returns the row
+        multiple every batch the roles see must respect."""
+        mbs = self.train.micro_batch_size
+        needs = {role: (n if role == "rollout" else mbs * n) for role, n in dp.items()}
+        for role, need in needs.items():
+            if role in self.trainable_roles:
+                size, what = self.mini_batch_size, "the minibatch"
+            else:
+                size, what = self.rollout_rows, "the rollout batch"
+            if size % need:
+                raise ConfigError(
+                    f"{what} = {size} sequences does not split over the {role}'s {dp[role]} "
+                    f"data-parallel ranks x micro_batch_size {mbs}: make it a multiple of {need} "
+                    f"(train.global_batch_size sets it)"
+                )
+        return math.lcm(*needs.values())
+
 
 @dataclass
 class PPOConfig(RolloutConfig):
@@ -220,8 +253,11 @@ class PPOConfig(RolloutConfig):
                 f"ppo.num_mini_batches = {self.ppo.num_mini_batches} minibatches"
             )
 
+    trainable_roles: ClassVar[tuple[str, ...]] = ("actor", "critic")
+
     @property
     def mini_batch_size(self) -> int:
+        """Sequences per optimizer step."""
         return self.train.global_batch_size // self.ppo.num_mini_batches
 
     @property

@@ -55,10 +55,6 @@ class GRPOTrainer(RolloutTrainer):
         return self.cfg.grpo.beta > 0
 
     @property
-    def rollout_rows(self) -> int:
-        return self.cfg.rollout_rows
-
-    @property
     def passes(self) -> int:
         return self.cfg.grpo.num_iterations
 

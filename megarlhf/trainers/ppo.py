@@ -51,7 +51,6 @@ from megarlhf.trainers.rollout import PhaseTimer, RolloutTrainer, shift
 
 class PPOTrainer(RolloutTrainer):
     stage = "ppo"
-    trainable_roles = ("actor", "critic")
     shown_keys = ("objective/scores", "objective/kl", "objective/kl_coef", "objective/entropy",
                   "policy/clipfrac", "val/vf_loss", "response_length", "time/iteration")  # fmt: skip
     plot_keys = ("objective/scores", "objective/kl", "eval/score")

@@ -76,7 +76,6 @@ class PhaseTimer:
 
 class RolloutTrainer:
     stage = ""
-    trainable_roles: tuple[str, ...] = ("actor",)
     postfix_keys: tuple[str, ...] = ("objective/scores", "objective/kl")
     shown_keys: tuple[str, ...] = ()
     plot_keys: tuple[str, ...] = ("objective/scores", "objective/kl", "eval/score")
@@ -143,7 +142,7 @@ class RolloutTrainer:
     @property
     def rollout_rows(self) -> int:
         """Sequences generated per iteration."""
-        return self.cfg.train.global_batch_size
+        return self.cfg.rollout_rows
 
     @property
     def passes(self) -> int:
@@ -173,23 +172,9 @@ class RolloutTrainer:
         self.sampler = ShardedSampler(len(self.prompts), cfg.train.global_batch_size, 0, 1, seed=cfg.train.seed)
 
     def _check_batch_sizes(self) -> int:
-        """Every role must split the rollout batch, and each trainable role each minibatch,
-        into whole microbatches on each of its DP ranks. Returns the row multiple."""
-        cfg, mbs = self.cfg, self.cfg.train.micro_batch_size
-        needs = {r: mbs * g.layout.dp for r, g in self.ctx.roles.items() if r != "rollout"}
-        needs["rollout"] = self.ctx["rollout"].layout.dp
-        for role, need in needs.items():
-            if role in self.trainable_roles:
-                size, what = cfg.mini_batch_size, "the minibatch"
-            else:
-                size, what = self.rollout_rows, "the rollout batch"
-            if size % need:
-                raise ConfigError(
-                    f"{what} = {size} sequences does not split over the {role}'s {self.ctx[role].layout.dp} "
-                    f"data-parallel ranks x micro_batch_size {mbs}: make it a multiple of {need} "
-                    f"(train.global_batch_size sets it)"
-                )
-        return math.lcm(*needs.values())
+        """The rollout batch and minibatches split over every role's DP ranks (the
+        config's check, also run by `megarlhf launch`). Returns the row multiple."""
+        return self.cfg.check_batch_split({r: g.layout.dp for r, g in self.ctx.roles.items()})
 
     def _frozen(self, model_cfg: ModelConfig, role: str, head: str, path: str, saved_role: str):
         groups = self.ctx[role]

@@ -132,6 +132,28 @@ def test_supervised_batch_must_split_over_data_parallel_ranks(capsys, monkeypatc
 
 
 @pytest.mark.parametrize(
+    "stage,args,message",
+    [
+        # minibatches of 32 of the 64 prompts, micro-batch 16: 3 DP ranks cannot share them
+        ("ppo", ["--nodes", "3"], "the minibatch = 32 sequences does not split over the actor's 3"),
+        # the frozen reward model at dp 3 (tp 1 of 3 ranks) vs an actor at tp 3, dp 1
+        ("ppo", ["--nodes", "3", "layout.tp=3", "reward_layout.tp=1", "model.num_attention_heads=3",
+                 "model.num_query_groups=3", "model.hidden_size=96", "model.ffn_hidden_size=192",
+                 "model.make_vocab_size_divisible_by=96"],
+         "the rollout batch = 64 sequences does not split over the reward's 3"),
+        # 4 minibatches of 32 responses each, micro-batch 16: DP 4 needs 64 per minibatch
+        ("grpo", ["--nodes", "4"], "the minibatch = 32 sequences does not split over the actor's 4"),
+    ],
+)
+def test_rollout_batches_must_split_over_every_role(capsys, monkeypatch, stage, args, message):
+    monkeypatch.chdir(REPO)
+    code, out, err = launch(capsys, stage, "--config", f"examples/{stage}_tiny.yaml", "--gpus-per-node", "1", *args, "--dry-run")
+    assert code == 2 and out == "" and message in err, err
+    code, script, _ = launch(capsys, stage, "--config", f"examples/{stage}_tiny.yaml", "--nodes", "2", "--gpus-per-node", "1", "--dry-run")
+    assert code == 0 and script
+
+
+@pytest.mark.parametrize(
     "value,seconds",
     [("30", 1800), ("10:30", 630), ("04:00:00", 14400), ("2-00", 172800), ("1-02:03", 93780), ("1-00:00:05", 86405)],
 )
