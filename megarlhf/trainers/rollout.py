@@ -473,6 +473,9 @@ class RolloutTrainer:
     def fit(self) -> dict[str, Any]:
         cfg, run = self.cfg.train, self.run
         run.say(self.describe())
+        if (done := run.finished_summary(self.step, cfg.max_steps)) is not None:
+            run.close()
+            return done
         eval_before: dict[str, float] = {}
         if self.step == 0:
             eval_before = self.evaluate()

@@ -86,6 +86,15 @@ class RunDir:
         self._progress = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, leave=True)
         return self._progress
 
+    def finished_summary(self, step: int, max_steps: int) -> dict[str, Any] | None:
+        """The summary of a run resumed after it had finished (nothing left to train), so
+        that resuming never overwrites it; None otherwise. Every rank reads it."""
+        path = self.path / "summary.json"
+        if step < max_steps or not path.exists():
+            return None
+        self.say(f"already finished: {step} of {max_steps} steps done; summary kept ({path})")
+        return json.loads(path.read_text())
+
     def write_summary(self, summary: dict[str, Any]) -> None:
         if not self.is_main:
             return

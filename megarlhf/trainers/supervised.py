@@ -118,6 +118,9 @@ class SupervisedTrainer:
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg.train
         run = self.run
+        if (done := run.finished_summary(self.step, cfg.max_steps)) is not None:
+            run.close()
+            return done
         run.say(
             f"megarlhf {self.stage}: {self.cfg.model.num_parameters(self.head) / 1e6:.2f}M parameters, "
             f"layout {self.groups.layout}, {len(self.train_data)} training samples "
@@ -125,7 +128,7 @@ class SupervisedTrainer:
             f"{cfg.micro_batch_size} x {self.num_microbatches} microbatches x {self.dp} dp"
         )
         bar = run.progress(cfg.max_steps, self.step, desc=self.stage)
-        metrics: dict[str, float] = {}  # stays empty when resuming a run that had finished
+        metrics: dict[str, float] = {}
         last_eval: dict[str, float] = {}
         while self.step < cfg.max_steps:
             t0 = time.perf_counter()

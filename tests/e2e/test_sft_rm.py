@@ -85,6 +85,15 @@ def test_resume_is_bit_exact(task_data, tmp_path):
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
 
+    # `--resume auto` on the finished run (as the SLURM scripts always pass it): nothing to
+    # do, and the run's summary stays what the training wrote.
+    summary = json.loads((straight / "summary.json").read_text())
+    assert summary["final"]["loss"] == a[-1]["loss"]
+    out = megarlhf("sft", *common, f"train.run_dir={straight}", "--resume", "auto")
+    assert out.returncode == 0 and "already finished" in out.stdout + out.stderr, out.stderr[-4000:]
+    assert json.loads((straight / "summary.json").read_text()) == summary
+    assert len(metrics(straight)) == 20
+
 
 def test_sft_at_tp2_then_rm_at_tp1_loads_the_resharded_policy(task_data, tmp_path):
     sft_dir, rm_dir = tmp_path / "sft_tp2", tmp_path / "rm_tp1"
