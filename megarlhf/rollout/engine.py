@@ -4,11 +4,16 @@ Layer: rollout/. The engine runs on the actor's own parameters (no copy, no trip
 disk) when the actor's layout is TP-only; a PP actor generates through a TP-only copy
 that weight refit keeps in sync. KV cache: Megatron-Core's `StaticInferenceContext`.
 
-Prompts of different lengths share one batch the way Megatron's static engine does it:
-prefill up to the shortest prompt, then step one position at a time for everyone; a
-sample still inside its prompt is fed its own prompt token (forced), the others sample.
-Each sequence stays contiguous (prompt, response, then padding), so plain causal
-attention is exact and the KV cache never holds a padding token before a real one.
+Prompts of different lengths share one batch. When the model's core attention honours an
+arbitrary mask (megarlhf's SDPA attention), prompts are right-aligned behind left
+padding: ONE prefill covers every prompt, and every row samples from the first decode
+step on, with an attention mask that hides the padding keys. Under RoPE a row's shift is
+invisible (scores depend on relative positions only); learned absolute positions get
+per-row position ids. Otherwise (Transformer Engine's attention takes a mask *type*, and
+Megatron's static decode says "no mask") it does what Megatron's static engine does:
+prefill up to the shortest prompt, then step one position at a time for everyone, a
+sample still inside its prompt being fed its own prompt token (forced). Either way the
+returned rows are prompt, response, then padding.
 
 Returned log-probs are those of the sampled tokens under softmax(logits / T) over the
 whole (unpadded) vocabulary — exactly what the trainer recomputes, so PPO's first
@@ -23,6 +28,7 @@ import torch
 import torch.distributed as dist
 from megatron.core.inference.contexts import StaticInferenceContext
 
+from megarlhf.models.attention import SDPAttention
 from megarlhf.parallel import cpu_compat
 from megarlhf.parallel.layout import RoleGroups
 from megarlhf.rollout.sampling import SamplingParams, row_uniforms, sample_tokens
@@ -53,6 +59,13 @@ class Rollouts:
         return self.tokens[i, p : p + n].tolist()
 
 
+def _shift_left(x: torch.Tensor, offset: torch.Tensor, fill) -> torch.Tensor:
+    """Row i of [B, T] moved left by offset[i], `fill` entering on the right."""
+    cols = torch.arange(x.shape[1], device=x.device).unsqueeze(0) + offset.unsqueeze(1)
+    out = x.gather(1, cols.clamp(max=x.shape[1] - 1))
+    return out.masked_fill(cols >= x.shape[1], fill)
+
+
 class GenerationEngine:
     """Batched autoregressive generation with a KV cache on a TP-only GPTModel."""
 
@@ -67,10 +80,14 @@ class GenerationEngine:
         self.vocab_size = vocab_size
         self.eos_id = eos_id
         self.pad_id = pad_id
+        # Left padding needs a core attention that applies the mask it is given in prefill
+        # and decode alike; see the module docstring.
+        self.left_pad = any(isinstance(m, SDPAttention) for m in model.modules())
 
-    def _logits(self, tokens: torch.Tensor, positions: torch.Tensor, ctx) -> torch.Tensor:
-        """Last-position logits [B, V] (true vocabulary only), gathered over TP."""
-        out = self.model(tokens, positions, None, inference_context=ctx, runtime_gather_output=True)
+    def _logits(self, tokens: torch.Tensor, positions: torch.Tensor, ctx, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Last-position logits [B, V] (true vocabulary only), gathered over TP. `mask`:
+        [B, 1, sq, sk], True where attention is blocked."""
+        out = self.model(tokens, positions, mask, inference_context=ctx, runtime_gather_output=True)
         return out[:, -1, : self.vocab_size].float()
 
     @torch.no_grad()
@@ -88,14 +105,22 @@ class GenerationEngine:
         self.model.eval()
         device = next(self.model.parameters()).device
         b = len(prompts)
-        prompt_lengths = torch.tensor([len(p) for p in prompts], device=device)
-        max_prompt = max(len(p) for p in prompts)
+        lengths = [len(p) for p in prompts]
+        max_prompt = max(lengths)
         total = max_prompt + params.max_new_tokens
+        # Row i's prompt starts at offset[i]: 0 (prompt-first rows), or max_prompt - its
+        # length when left-padded (every prompt then ends at max_prompt).
+        left = self.left_pad and min(lengths) < max_prompt
+        offset = torch.tensor([max_prompt - n if left else 0 for n in lengths], device=device)
+        prompt_lengths = torch.tensor(lengths, device=device)
         tokens = torch.full((b, total), self.pad_id, dtype=torch.long)
         for i, p in enumerate(prompts):
-            tokens[i, : len(p)] = torch.tensor(p)
+            o = int(offset[i])
+            tokens[i, o : o + len(p)] = torch.tensor(p)
         tokens = tokens.to(device)
-        positions = torch.arange(total, device=device).expand(b, total)
+        positions = (torch.arange(total, device=device) - offset.unsqueeze(1)).clamp(min=0)
+        # Keys a row may attend to: everything from its prompt's start on.
+        blocked_keys = (torch.arange(total, device=device) < offset.unsqueeze(1))[:, None, None, :]
         logprobs = torch.zeros(b, total, device=device)
         entropies = torch.zeros(b, total, device=device)
         response_mask = torch.zeros(b, total, device=device)
@@ -105,16 +130,21 @@ class GenerationEngine:
         # Row i's k-th response token is drawn with uniforms[i, k]: its own seed's stream.
         uniforms = row_uniforms(seeds, params.max_new_tokens, device)
         rows = torch.arange(b, device=device)
-        last_position = prompt_lengths + params.max_new_tokens - 1  # per-sample length budget
+        prompt_end = offset + prompt_lengths  # first response position of each row
+        last_position = prompt_end + params.max_new_tokens - 1  # per-sample length budget
 
         ctx = StaticInferenceContext(b, total)
-        start = min(len(p) for p in prompts)
-        logits = self._logits(tokens[:, :start], positions[:, :start], ctx)
+        start = max_prompt if left else min(lengths)
+        mask = None
+        if left:  # causal, padding keys hidden (a padding query sees itself: no empty rows)
+            causal = torch.ones(start, start, dtype=torch.bool, device=device).triu(1)
+            mask = causal | (blocked_keys[..., :start] & ~torch.eye(start, dtype=torch.bool, device=device))
+        logits = self._logits(tokens[:, :start], positions[:, :start], ctx, mask)
         ctx.increment_sequence_len_offset(start)
         for t in range(start, total):
             # `logits` predict position t. Samples still in their prompt keep their token.
-            generating = (prompt_lengths <= t) & ~done
-            k = (t - prompt_lengths).clamp(0, params.max_new_tokens - 1)
+            generating = (prompt_end <= t) & ~done
+            k = (t - prompt_end).clamp(0, params.max_new_tokens - 1)
             drawn = sample_tokens(logits, params, uniforms[rows, k])
             logp = torch.log_softmax(logits / params.logprob_temperature, dim=-1)
             chosen = logp.gather(1, drawn.unsqueeze(1)).squeeze(1)
@@ -128,8 +158,14 @@ class GenerationEngine:
             if t == total - 1 or bool(done.all()):
                 break
             ctx.enable_decode_mode()
-            logits = self._logits(tokens[:, t : t + 1], positions[:, t : t + 1], ctx)
+            step_mask = blocked_keys[..., : t + 1] if left else None
+            logits = self._logits(tokens[:, t : t + 1], positions[:, t : t + 1], ctx, step_mask)
             ctx.increment_sequence_len_offset(1)
+        if left:  # back to prompt-first rows
+            tokens, logprobs, entropies, response_mask = (
+                _shift_left(x, offset, fill) for x, fill in
+                ((tokens, self.pad_id), (logprobs, 0.0), (entropies, 0.0), (response_mask, 0.0))
+            )  # fmt: skip
         if was_training:
             self.model.train()
         self._check_tp_agreement(tokens)

@@ -40,9 +40,11 @@ def _full_logits(model, g, tokens):
     return out[..., :VOCAB]
 
 
-def greedy_case(tp, arch, max_new=12):
+def greedy_case(tp, arch, left_pad, max_new=12):
     model, g = _model(tp, arch)
     engine = GenerationEngine(model, g, vocab_size=VOCAB, eos_id=EOS, pad_id=PAD)
+    assert engine.left_pad  # SDPA attention: one prefill behind left padding by default
+    engine.left_pad = left_pad  # False: prefill to the shortest prompt, then forced steps
     out = engine.generate(PROMPTS, SamplingParams(max_new_tokens=max_new, temperature=0), seeds=[0] * 4)
     # Oracle: each prompt alone, full recomputation of the whole prefix at every step.
     ref_tokens, ref_logprobs = [], []
@@ -65,8 +67,11 @@ def greedy_case(tp, arch, max_new=12):
 
 @pytest.mark.parametrize("tp", [1, 2])
 @pytest.mark.parametrize("arch", ["llama", "gpt"])
-def test_greedy_kv_cache_equals_full_recompute(world2, tp, arch):
-    for res in world2.run(greedy_case, tp, arch):
+@pytest.mark.parametrize("left_pad", [True, False], ids=["left_padded", "forced_prompt_steps"])
+def test_greedy_kv_cache_equals_full_recompute(world2, tp, arch, left_pad):
+    """Prompts of 3, 7, 5 and 9 tokens in one batch; RoPE (llama) and learned absolute
+    positions (gpt)."""
+    for res in world2.run(greedy_case, tp, arch, left_pad):
         assert res["tokens"] == res["ref_tokens"]
         for got, ref in zip(res["logprobs"], res["ref_logprobs"]):
             torch.testing.assert_close(torch.tensor(got), torch.tensor(ref), atol=1e-5, rtol=0)
