@@ -229,7 +229,7 @@ def measure_dpo(trainer, steps: int) -> list[dict]:
         t0 = time.perf_counter()
         microbatches = trainer.next_microbatches()
         t1 = time.perf_counter()
-        n, tokens = trainer.global_counts(microbatches)
+        n, tokens, _ = trainer.global_counts(microbatches)
         trainer.engine.train_step(microbatches, partial(trainer.loss, n=n))
         trainer.step += 1
         t2 = time.perf_counter()

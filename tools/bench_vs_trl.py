@@ -34,9 +34,10 @@ steps. A step's clock covers building its batches on both sides (megarlhf's DPO 
 also its reference forward, done while collating); TRL's compute-only clock (data
 loading excluded, reference forward included) is shown too.
 
-Differences left in (each side's own behaviour): megarlhf pads a step's microbatches to
-the step's longest sample (rounded up to a multiple of 8), TRL each microbatch to its own
-longest row (the table shows the non-pad share of computed positions); each side draws its own sample order; optimizers
+Differences left in (each side's own behaviour): megarlhf groups a step's samples by
+length and pads each microbatch to its own longest (8-multiples on GPU only), TRL pads
+each microbatch, in sample order, to its longest row (the table shows the non-pad share
+of computed positions); each side draws its own sample order; optimizers
 are each side's default (Megatron's Adam vs TRL's fused AdamW). (Both samplers take
 torch.randperm from a generator seeded with train.seed: in the DPO runs every step's
 non-pad token count matched, i.e. both sides trained on the same batches.) DPO: TRL computes
@@ -219,12 +220,12 @@ def run_megarlhf(stage: str, overrides: list[str], run_dir: Path, log: Path, env
     steps = sorted((json.loads(line) for line in lines), key=lambda r: r["step"])
     rows = [
         {"tokens": r["tokens_per_second"] * r["step_seconds"], "seconds": r["step_seconds"],
-         "seq_length": r["seq_length"]}
+         "computed_tokens": r["computed_tokens"]}
         for r in steps if "step_seconds" in r
     ]  # fmt: skip
     timed = rows[warmup:]
     return {**summarize(rows, warmup), "steps": len(rows), "per_step": rows, "peak_rss_mib": rss,
-            "mean_seq_length": sum(r["seq_length"] for r in timed) / max(len(timed), 1)}  # fmt: skip
+            "positions": sum(r["computed_tokens"] for r in timed)}  # fmt: skip
 
 
 def run_trl(stage: str, cfg, data: Path, args, log: Path, env: dict, policy: Path | None = None) -> dict:
@@ -298,8 +299,6 @@ def bench_stage(stage: str, data_dir: Path, tokenizer: Path, args, env: dict) ->
     trl = run_trl(stage, cfg, trl_data, args, work / f"trl_{stage}.log", env, policy)
     trl["busy_cores"] = busy
     seqs_per_step = cfg.train.global_batch_size * (2 if stage in PAIRED else 1)
-    # megarlhf pads each step to its longest sample (rounded up to a multiple of 8).
-    ours["positions"] = ours["timed_steps"] * seqs_per_step * ours["mean_seq_length"]
     return {
         "megarlhf": ours, "trl": trl, "samples": rows, "sequences_per_step": seqs_per_step,
         "ratio_median": ours["median_tokens_per_second"] / trl["median_tokens_per_second"],
@@ -336,7 +335,7 @@ def print_table(results: dict, args) -> None:
             f"    batch {c['global_batch_size']} = {c['micro_batch_size']} x "
             f"{c['global_batch_size'] // c['micro_batch_size']} ({r['sequences_per_step']} sequences/step) "
             f"from {r['samples']} samples; non-pad share of computed positions: megarlhf "
-            f"{ours['tokens'] / ours['positions']:.0%} (pads each step to its longest sample), "
+            f"{ours['tokens'] / ours['positions']:.0%} (pads each microbatch to its longest sample, samples grouped by length), "
             f"TRL {trl['tokens'] / trl['positions']:.0%} (pads to the batch's longest)\n"
             f"    cores busy with other work just before the runs: megarlhf {ours['busy_cores']:.1f}, "
             f"TRL {trl['busy_cores']:.1f}; peak RSS megarlhf {ours['peak_rss_mib']:.0f} MiB, "

@@ -30,6 +30,7 @@ from megarlhf.data import ChatTemplate, ShardedSampler, load_tokenizer
 from megarlhf.engine.engine import TrainEngine
 from megarlhf.models.backbone import build_model
 from megarlhf.parallel import Layout, build_parallel_context, init_distributed, seed_all
+from megarlhf.trainers.ppo_batches import length_multiple
 from megarlhf.trainers.preempt import StopRequest
 from megarlhf.trainers.run import RunDir
 
@@ -93,13 +94,9 @@ class SupervisedTrainer:
         raise NotImplementedError
 
     def step_length(self, items: list[dict]) -> int:
-        """Pad a step's microbatches to its longest sample, not to data.max_length.
-
-        All microbatches of a step share one shape (pipeline stages exchange fixed-size
-        activations; every stage sees the same data, so they agree on it). Rounded up to a
-        multiple of 8 (and of tp, for sequence parallelism) to keep kernel shapes few.
-        """
-        multiple = 8 * self.groups.layout.tp
+        """Pad `items` to their longest sample, not to data.max_length; rounded up to
+        `length_multiple` (8 on GPU, x tp under sequence parallelism, else 1)."""
+        multiple = length_multiple(self.groups, self.cfg.model.sequence_parallel)
         longest = max(self.sample_length(it) for it in items)
         return min(self.cfg.data.max_length, -(-longest // multiple) * multiple) if longest else multiple
 
@@ -133,7 +130,7 @@ class SupervisedTrainer:
         while self.step < cfg.max_steps:
             t0 = time.perf_counter()
             microbatches = self.next_microbatches()
-            n, tokens = self.global_counts(microbatches)
+            n, tokens, computed = self.global_counts(microbatches)
             sums = self.engine.train_step(microbatches, partial(self.loss, n=n))
             self.step += 1
             elapsed = time.perf_counter() - t0
@@ -144,7 +141,8 @@ class SupervisedTrainer:
                 epoch=self._epoch(),
                 tokens_per_second=tokens / elapsed,
                 step_seconds=elapsed,
-                seq_length=microbatches[0]["tokens"].shape[1],
+                seq_length=max(mb["tokens"].shape[1] for mb in microbatches),
+                computed_tokens=computed,
             )
             if cfg.eval_steps and self.step % cfg.eval_steps == 0 or self.step == cfg.max_steps:
                 last_eval = self.evaluate()
@@ -175,11 +173,22 @@ class SupervisedTrainer:
     def next_microbatches(self) -> list[dict[str, torch.Tensor]]:
         """This DP rank's slice of the next global batch, split into microbatches."""
         items = [self.train_data[i] for i in self.sampler.next_batch()]
-        mbs, length = self.cfg.train.micro_batch_size, self.step_length(items)
-        return [self.collate(items[k : k + mbs], length) for k in range(0, len(items), mbs)]
+        mbs = self.cfg.train.micro_batch_size
+        if self.groups.layout.pp > 1:
+            # Pipeline stages exchange fixed-size activations: one length for the step
+            # (every stage sees the same data, so they agree on it).
+            length = self.step_length(items)
+            return [self.collate(items[k : k + mbs], length) for k in range(0, len(items), mbs)]
+        # Otherwise each microbatch is cut to its own longest sample, samples grouped by
+        # length (longest first). Losses are sums over the global count (engine/schedule.py),
+        # so the grouping does not change the gradient, only the padding computed.
+        items.sort(key=self.sample_length, reverse=True)
+        chunks = [items[k : k + mbs] for k in range(0, len(items), mbs)]
+        return [self.collate(chunk, self.step_length(chunk)) for chunk in chunks]
 
-    def global_counts(self, microbatches) -> tuple[torch.Tensor, float]:
-        """(loss denominator, non-pad tokens) summed over microbatches and DP ranks.
+    def global_counts(self, microbatches) -> tuple[torch.Tensor, float, float]:
+        """(loss denominator, non-pad tokens, computed positions incl. padding) summed
+        over microbatches and DP ranks.
 
         All-reduced *before* the microbatch loop, so every microbatch's loss is
         sum / N_global and the accumulated gradient is that of the global mean.
@@ -188,11 +197,12 @@ class SupervisedTrainer:
             [
                 torch.stack([self.count(mb) for mb in microbatches]).sum(),
                 torch.stack([mb["attention_tokens"] for mb in microbatches]).sum(),
+                torch.tensor(float(sum(mb["tokens"].numel() for mb in microbatches))),
             ]
         ).double().to(self.device)
         dist.all_reduce(local, group=self.groups.dp)
         n = local[0].clamp(min=1).float()
-        return n, local[1].item()
+        return n, local[1].item(), local[2].item()
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -210,7 +220,7 @@ class SupervisedTrainer:
             items = [self.eval_data[i] for i in idx]
             mb = self.collate(items, self.step_length(items))
             mb["row_weight"] = (torch.arange(lo, lo + mbs) < total).to(mb["row_weight"].dtype).to(self.device)
-            n, _ = self.global_counts([mb])
+            n, _, _ = self.global_counts([mb])
             for k, v in self.engine.forward([mb], partial(self.loss, n=n)).items():
                 sums[k] = sums.get(k, 0.0) + v
         return self.metrics(sums, prefix="eval_")
