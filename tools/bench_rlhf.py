@@ -18,7 +18,8 @@ the --model size. Weights barely matter for speed, but response lengths do: a po
 that has not learnt to stop generates to generation.response_length.
 
 Phases are the trainers' own timers (`time/*` in metrics.jsonl): generate, score/reward,
-score/reference, score/actor (sampling-time log-probs), score/critic, advantages,
+score/reference, score/actor (sampling-time log-probs: ~0 unless generation.old_logprobs
+is 'recompute'), score/critic, advantages,
 train/actor, train/critic (GRPO: train), refit; DPO: reference (collating a step's
 microbatches, whose reference log-probs are computed there) and train. "other" is the
 step's wall time not inside a phase; the check line says whether the phases add up to
@@ -183,11 +184,15 @@ def rollout_step_flops(trainer, batch) -> dict[str, float]:
         flops["score/reward"] = row_flops(checkpoint_model_config(cfg.reward_model_path), lengths, "value")
     if trainer.reference is not None:
         flops["score/reference"] = policy
+    # Sampling-time log-probs: an actor forward only under generation.old_logprobs=recompute.
+    recompute = cfg.generation.old_logprobs == "recompute"
     if trainer.stage == "ppo":
         critic = row_flops(trainer.critic_model_config, lengths, "value")
-        flops.update({"score/actor": policy, "score/critic": critic, "train/critic": 3 * critic * trainer.passes})
+        flops.update({"score/critic": critic, "train/critic": 3 * critic * trainer.passes})
+        if recompute:
+            flops["score/actor"] = policy
     else:
-        if not trainer.on_policy:
+        if recompute and not trainer.on_policy:
             flops["score/actor"] = policy
         flops["train"] = flops.pop("train/actor")
     return flops
