@@ -106,12 +106,26 @@ class TrainEngine:
         # update is lr/warmup_steps rather than a wasted step at lr = 0.
         self.scheduler.step(increment=1)
         lr = self.optimizer.param_groups[0]["lr"]
+        self._fused_cpu_adam()
         applied, grad_norm, _ = self.optimizer.step()
         stats = reduce_stats(per_mb, self.groups)
         stats["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         stats["learning_rate"] = lr
         stats["update_applied"] = float(bool(applied))
         return stats
+
+    def _fused_cpu_adam(self) -> None:
+        """CPU only: without TE/Apex, Megatron's optimizer is torch's AdamW, which on CPU
+        runs a Python loop over tensors; torch's fused CPU kernel does the same update in
+        one call per group (optimizer step 5.9 -> 3.2 ms on the examples' 0.6M model).
+        Set before every step, since loading a checkpoint restores the saved flags."""
+        if torch.cuda.is_available():
+            return
+        for chained in getattr(self.optimizer, "chained_optimizers", None) or [self.optimizer]:
+            inner = getattr(chained, "optimizer", None)
+            if isinstance(inner, torch.optim.Adam | torch.optim.AdamW):
+                for group in inner.param_groups:
+                    group["fused"], group["foreach"] = True, False
 
     def offload(self) -> None:
         """GPU: optimizer states and gradient buffers to CPU (between training phases)."""
