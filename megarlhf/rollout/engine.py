@@ -111,11 +111,11 @@ class GenerationEngine:
         # Row i's prompt starts at offset[i]: 0 (prompt-first rows), or max_prompt - its
         # length when left-padded (every prompt then ends at max_prompt).
         left = self.left_pad and min(lengths) < max_prompt
-        offset = torch.tensor([max_prompt - n if left else 0 for n in lengths], device=device)
+        offsets = [max_prompt - n if left else 0 for n in lengths]
+        offset = torch.tensor(offsets, device=device)
         prompt_lengths = torch.tensor(lengths, device=device)
         tokens = torch.full((b, total), self.pad_id, dtype=torch.long)
-        for i, p in enumerate(prompts):
-            o = int(offset[i])
+        for i, (p, o) in enumerate(zip(prompts, offsets)):
             tokens[i, o : o + len(p)] = torch.tensor(p)
         tokens = tokens.to(device)
         positions = (torch.arange(total, device=device) - offset.unsqueeze(1)).clamp(min=0)
