@@ -82,43 +82,27 @@ printed): run it idle.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import shutil
 import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_ppo import pct, print_figures, read_metrics, run_measured  # noqa: E402
-from bench_vs_trl import check_idle, export_hf, id_text, prepare_data, train_sft  # noqa: E402
+from bench_common import (  # noqa: E402
+    SECONDS_ROWS, TOKENS_ROWS, exit_if_unmapped, iteration_parser, measure_both_sides, megarlhf_iterations,
+    parse_iteration_args, pct, print_busy_and_versions, print_figures, print_phases, run_megarlhf_iterations,
+    run_trl_baseline, summarize_megarlhf, write_json, write_prompts,
+)  # fmt: skip
+from bench_vs_trl import export_hf, id_text, prepare_work, train_sft  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 GRPO_YAML = "examples/grpo_tiny.yaml"
 RULE = "megarlhf.data.synthetic:sort_reward_batch"  # re-implemented in tools/trl_grpo_baseline.py
-PHASES = ("generate", "score", "advantages", "train", "refit")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--iterations", type=int, default=10, help="GRPO iterations per side (default 10)")
-    p.add_argument("--warmup", type=int, default=2, help="first iterations left out of the figures (default 2)")
-    p.add_argument("--work-dir", default="runs/bench_grpo", help="runs, logs, HF export and TRL's JSONL go here")
-    p.add_argument("--data-dir", default=None, help="task data + sp.model; default <work-dir>/data, built if missing")
-    p.add_argument("--sft", default=None, help="megarlhf SFT run to start from (default: <work-dir>/sft, trained if missing)")
+    p = iteration_parser(__doc__, "grpo", "runs, logs, HF export and TRL's JSONL go here")
     p.add_argument("--sft-steps", type=int, default=40, help="SFT steps when training one (default 40)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="further override of examples/grpo_tiny.yaml (repeatable); the TRL side follows "
-                        "the mapped fields")
-    p.add_argument("--trl-python", default="/tmp/trlvenv/bin/python", help="python of a virtualenv with TRL 1.16")
-    p.add_argument("--skip-trl", action="store_true", help="run only megarlhf")
-    p.add_argument("--threads", type=int, default=2, help="torch threads on both sides (OMP_NUM_THREADS)")
-    p.add_argument("--json", default=None, help="also write settings and figures to this file")
-    args = p.parse_args(argv)  # fmt: skip
-    if args.iterations <= args.warmup:
-        p.error(f"--iterations {args.iterations} must exceed --warmup {args.warmup}")
-    return args
+    return parse_iteration_args(p, argv, GRPO_YAML, "/tmp/trlvenv/bin/python", "python of a virtualenv with TRL 1.16")
 
 
 def grpo_config(args, work: Path, data_dir: Path, tokenizer: Path, sft: Path):
@@ -133,73 +117,41 @@ def grpo_config(args, work: Path, data_dir: Path, tokenizer: Path, sft: Path):
     ]  # fmt: skip
     cfg = load_config(GRPOConfig, REPO / GRPO_YAML, overrides)
     g, gen = cfg.grpo, cfg.generation
-    unmapped = [
-        (cfg.model.arch != "llama" or cfg.model.add_qkv_bias, "model.arch=llama without q/k/v bias"),
-        (cfg.layout.tp * cfg.layout.pp != 1 or cfg.model.recompute != "none", "layout.tp=pp=1, model.recompute=none"),
+    exit_if_unmapped(cfg, [
         (gen.top_k != 0 or gen.top_p != 1.0, "generation.top_k=0, top_p=1"),
         (cfg.reward_model_path != "" or cfg.reward_fn != RULE, f"reward_fn={RULE} and no reward model"),
         (g.advantage_estimator not in ("grpo", "dr_grpo"), "grpo.advantage_estimator grpo or dr_grpo"),
         (g.beta > 0 and g.kl_estimator != "k3", "grpo.kl_estimator=k3 (TRL's KL term)"),
         (g.filter_groups or g.entropy_coef != 0, "grpo.filter_groups=false, entropy_coef=0"),
-    ]  # fmt: skip
-    bad = [need for wrong, need in unmapped if wrong]
-    if bad:
-        sys.exit("error: TRL's GRPOTrainer has no equivalent of these settings here; need " + "; ".join(bad))
+    ], "TRL's GRPOTrainer has no equivalent of these settings here")  # fmt: skip
     return cfg, overrides
 
 
-def summarize_megarlhf(rows: list[dict], warmup: int, sequences: int) -> dict:
-    per = [
-        {"seconds": r["time/iteration"], "generated": r["tokens/generated"], "trained": r["tokens/trained"],
-         "tokens": r["tokens/generated"] + r["tokens/trained"], "response_length": r["response_length"],
-         "optimizer_steps": r["actor/steps"], "rule_score": r["objective/rule_score"],
-         "loop_seconds": r["time"] - prev["time"] if prev else None,
-         **{p: r.get(f"time/{p}", 0.0) for p in PHASES}}
-        for prev, r in zip([None, *rows[:-1]], rows)
-    ]  # fmt: skip
+def summarize_grpo(rows: list[dict], warmup: int, sequences: int) -> dict:
+    """megarlhf's figures (bench_common.summarize_megarlhf) plus sequences/s, optimizer
+    steps per iteration and the mean rule score of all iterations."""
+    per = megarlhf_iterations(rows, {"optimizer_steps": "actor/steps", "rule_score": "objective/rule_score"})
+    out = summarize_megarlhf(per, warmup)
     timed = per[warmup:]
-    n, tokens, seconds = len(timed), sum(r["tokens"] for r in timed), sum(r["seconds"] for r in timed)
-    loop = [r["loop_seconds"] for r in timed if r["loop_seconds"] is not None]
-    return {
-        "iterations": len(per), "timed_iterations": n, "tokens": tokens, "seconds": seconds,
-        "seconds_per_iteration": seconds / n,
-        "median_seconds_per_iteration": statistics.median(r["seconds"] for r in timed),
-        "loop_seconds_per_iteration": sum(loop) / len(loop) if loop else None,
-        "sequences_per_second": sequences * n / seconds,
-        "generated_per_iteration": sum(r["generated"] for r in timed) / n,
-        "trained_per_iteration": sum(r["trained"] for r in timed) / n,
-        "median_tokens_per_second": statistics.median(r["tokens"] / r["seconds"] for r in timed),
-        "total_tokens_per_second": tokens / seconds,
-        "phase_seconds": {p: sum(r[p] for r in timed) / n for p in PHASES},
-        "optimizer_steps_per_iteration": sum(r["optimizer_steps"] for r in timed) / n,
-        "rule_score": statistics.fmean(r["rule_score"] for r in per),
-        "per_iteration": per,
-    }  # fmt: skip
+    out.update(
+        sequences_per_second=sequences * len(timed) / out["seconds"],
+        optimizer_steps_per_iteration=sum(r["optimizer_steps"] for r in timed) / len(timed),
+        rule_score=statistics.fmean(r["rule_score"] for r in per),
+    )
+    return out
 
 
 def run_megarlhf(cfg, overrides: list[str], work: Path, env: dict, warmup: int) -> dict:
-    run_dir = Path(cfg.train.run_dir)
-    if run_dir.exists():  # a fresh run: no resume, metrics.jsonl from this run only
-        shutil.rmtree(run_dir)
-    cmd = [sys.executable, "-m", "megarlhf", "grpo", "--config", GRPO_YAML, *overrides]
-    rss = run_measured(cmd, work / "megarlhf_grpo.log", env)
-    out = summarize_megarlhf(read_metrics(run_dir), warmup, cfg.rollout_rows)
+    rows, rss = run_megarlhf_iterations("grpo", GRPO_YAML, cfg, overrides, work, env)
+    out = summarize_grpo(rows, warmup, cfg.rollout_rows)
     out.update(peak_rss_mib=rss, parameters={"policy": cfg.model.num_parameters("lm")})
     return out
 
 
-def write_prompts(cfg, out: Path) -> int:
-    """megarlhf's tokenization of the prompts (its chat template) as id text, with the
-    user's text the rule reward reads."""
-    from megarlhf.data import ChatTemplate, PromptDataset, load_tokenizer
-
-    d = cfg.data
-    data = PromptDataset(d.train_file, load_tokenizer(d.tokenizer), ChatTemplate(), d.max_length,
-                         truncation=d.truncation, on_error=d.on_error)  # fmt: skip
-    with open(out, "w", encoding="utf-8") as f:
-        for it in data:
-            f.write(json.dumps({"prompt": id_text(it["prompt_ids"]), "prompt_text": it["prompt_text"]}) + "\n")
-    return len(data)
+def trl_prompt_row(item: dict) -> dict:
+    """A prompt as TRL's row: megarlhf's tokenization as id text, with the user's text the
+    rule reward reads."""
+    return {"prompt": id_text(item["prompt_ids"]), "prompt_text": item["prompt_text"]}
 
 
 def run_trl(cfg, sft: Path, args, work: Path, env: dict) -> dict:
@@ -209,7 +161,7 @@ def run_trl(cfg, sft: Path, args, work: Path, env: dict) -> dict:
     policy = work / "hf" / "sft"
     export_hf(sft, policy, tok.pad_id, work / "export_sft.log", env)
     prompts = work / "trl_prompts.jsonl"
-    rows = write_prompts(cfg, prompts)
+    rows = write_prompts(cfg, prompts, trl_prompt_row)
     g, gen, train, optim = cfg.grpo, cfg.generation, cfg.train, cfg.optim
     cmd = [
         args.trl_python, str(REPO / "tools" / "trl_grpo_baseline.py"),
@@ -230,41 +182,24 @@ def run_trl(cfg, sft: Path, args, work: Path, env: dict) -> dict:
         "--pad-id", tok.pad_id, "--eos-id", tok.eos_id, "--vocab", cfg.model.padded_vocab_size,
         "--threads", args.threads, "--seed", train.seed,
     ]  # fmt: skip
-    log = work / "trl_grpo.log"
-    rss = run_measured([str(c) for c in cmd], log, env)
-    r = json.loads(log.read_text().strip().splitlines()[-1])
-    r.update(peak_rss_mib_wait4=rss, prompts=rows,
-             sequences_per_second=cfg.rollout_rows * r["timed_iterations"] / r["seconds"])  # fmt: skip
+    r = run_trl_baseline(cmd, work / "trl_grpo.log", env)
+    r.update(prompts=rows, sequences_per_second=cfg.rollout_rows * r["timed_iterations"] / r["seconds"])
     return r
 
 
 def print_table(ours: dict, trl: dict | None, cfg, args) -> None:
     rows = [
-        ("seconds / iteration (mean)", "seconds_per_iteration", "{:.2f}"),
-        ("seconds / iteration (median)", "median_seconds_per_iteration", "{:.2f}"),
-        ("sequences/s", "sequences_per_second", "{:.1f}"),
-        ("generated tokens / iteration", "generated_per_iteration", "{:.0f}"),
-        ("trained tokens / iteration", "trained_per_iteration", "{:.0f}"),
-        ("tokens/s (median of iterations)", "median_tokens_per_second", "{:.0f}"),
-        ("tokens/s (total / time)", "total_tokens_per_second", "{:.0f}"),
-        ("peak RSS (MiB)", "peak_rss_mib", "{:.0f}"),
-        ("optimizer steps / iteration", "optimizer_steps_per_iteration", "{:.0f}"),
+        *SECONDS_ROWS, ("sequences/s", "sequences_per_second", "{:.1f}"), *TOKENS_ROWS,
         ("mean rule score (all iterations)", "rule_score", "{:.3f}"),
-    ]
+    ]  # fmt: skip
     print_figures(rows, ours, trl)
+    score_note = ""
     if trl:  # the issue's figure: iterations per second, the inverse ratio of seconds per iteration
         speedup = trl["seconds_per_iteration"] / ours["seconds_per_iteration"]
         print(f"{'iteration throughput (1/seconds)':<34}{'':>20}{speedup:>13.2f}x")
-    ph, it = ours["phase_seconds"], ours["seconds_per_iteration"]
-    print("\nmegarlhf per phase (% of time/iteration): " + ", ".join(f"{p} {pct(ph[p], it)}" for p in PHASES)
-          + f"; seconds/iteration incl. the loop: {ours['loop_seconds_per_iteration'] or float('nan'):.2f}")  # fmt: skip
-    print(f"megarlhf generation: {ours['generated_per_iteration'] / ph['generate']:.0f} generated tokens/s")
-    if trl:
-        tp, tit = trl["phase_seconds"], trl["seconds_per_iteration"]
-        print("TRL per phase (% of iteration): " + ", ".join(f"{p} {pct(tp[p], tit)}" for p in ("generate", "score", "train"))
-              + f" (score holds the reward, {pct(tp['reward'], tit)}, and the advantages)")  # fmt: skip
-        print(f"TRL generation: {trl['generated_per_iteration'] / tp['generate']:.0f} generated tokens/s; "
-              f"parameters policy {trl['parameters']['policy']:,} (megarlhf {ours['parameters']['policy']:,})")  # fmt: skip
+        reward = pct(trl["phase_seconds"]["reward"], trl["seconds_per_iteration"])
+        score_note = f" (score holds the reward, {reward}, and the advantages)"
+    print_phases(ours, trl, score_note)
     t, g = cfg.train, cfg.grpo
     print(
         f"\n{cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}; {t.global_batch_size} prompts x "
@@ -274,44 +209,28 @@ def print_table(ours: dict, trl: dict | None, cfg, args) -> None:
         f"{g.epsilon}, {g.loss_aggregation} aggregation; {args.iterations} iterations per side, first "
         f"{args.warmup} skipped; {args.threads} threads; float32 CPU"
     )
-    busy = f"cores busy with other work just before the runs: megarlhf {ours['busy_cores']:.1f}"
-    if trl:
-        v = trl["versions"]
-        busy += f", TRL {trl['busy_cores']:.1f}; TRL {v['trl']}, transformers {v['transformers']}, torch {v['torch']}"
-    print(busy)
+    print_busy_and_versions(ours, trl)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    work = Path(args.work_dir).resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    data_dir = Path(args.data_dir).resolve() if args.data_dir else work / "data"
-    tokenizer = prepare_data(data_dir)
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    work, data_dir, tokenizer, env = prepare_work(args)
     sft = train_sft(Path(args.sft).resolve() if args.sft else work / "sft", args.sft_steps, data_dir, tokenizer,
                     work / "train_sft.log", env)  # fmt: skip
     cfg, overrides = grpo_config(args, work, data_dir, tokenizer, sft)
 
-    print(f"[grpo] megarlhf: {args.iterations} iterations ...", flush=True)
-    busy = check_idle(args.threads, "megarlhf grpo")
-    ours = run_megarlhf(cfg, overrides, work, env, args.warmup)
-    ours["busy_cores"] = busy
-    trl = None
-    if not args.skip_trl:
-        print(f"[grpo] TRL: {args.iterations} iterations ...", flush=True)
-        busy = check_idle(args.threads, "TRL grpo")
-        trl = run_trl(cfg, sft, args, work, env)
-        trl["busy_cores"] = busy
+    ours, trl = measure_both_sides(
+        "grpo", args, lambda: run_megarlhf(cfg, overrides, work, env, args.warmup),
+        lambda: run_trl(cfg, sft, args, work, env),
+    )  # fmt: skip
     print_table(ours, trl, cfg, args)
     if args.json:
-        settings = {k: v for k, v in vars(args).items() if k != "json"}
-        result = {"settings": settings, "megarlhf_overrides": overrides, "megarlhf": ours, "trl": trl}
+        ratio = None
         if trl:
-            result["ratio"] = {k: ours[k] / trl[k] for k in (
+            ratio = {k: ours[k] / trl[k] for k in (
                 "median_tokens_per_second", "total_tokens_per_second", "sequences_per_second")}  # fmt: skip
-            result["ratio"]["iteration_throughput"] = trl["seconds_per_iteration"] / ours["seconds_per_iteration"]
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
-        print(f"wrote {args.json}")
+            ratio["iteration_throughput"] = trl["seconds_per_iteration"] / ours["seconds_per_iteration"]
+        write_json(args, overrides, ours, trl, ratio)
     return 0
 
 

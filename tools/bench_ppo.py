@@ -79,59 +79,29 @@ printed): run it idle.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import shutil
-import statistics
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_vs_trl import check_idle, export_hf, prepare_data, run_logged  # noqa: E402
+from bench_common import (  # noqa: E402
+    SECONDS_ROWS, TOKENS_ROWS, exit_if_unmapped, iteration_parser, measure_both_sides, megarlhf_iterations,
+    parse_iteration_args, print_busy_and_versions, print_figures, print_phases, run_megarlhf_iterations,
+    run_trl_baseline, summarize_megarlhf, write_json, write_prompts,
+)  # fmt: skip
+from bench_vs_trl import export_hf, prepare_work, run_logged  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 PPO_YAML, SFT_YAML, RM_YAML = "examples/ppo_tiny.yaml", "examples/sft_tiny.yaml", "examples/rm_tiny.yaml"
-PHASES = ("generate", "score", "advantages", "train", "refit")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--iterations", type=int, default=10, help="PPO iterations per side (default 10)")
-    p.add_argument("--warmup", type=int, default=2, help="first iterations left out of the figures (default 2)")
-    p.add_argument("--work-dir", default="runs/bench_ppo", help="runs, logs, HF exports and TRL's JSONL go here")
-    p.add_argument("--data-dir", default=None, help="task data + sp.model; default <work-dir>/data, built if missing")
-    p.add_argument("--sft", default=None, help="megarlhf SFT run to start from (default: <work-dir>/sft, trained if missing)")
+    p = iteration_parser(__doc__, "ppo", "runs, logs, HF exports and TRL's JSONL go here")
     p.add_argument("--rm", default=None, help="megarlhf reward-model run (default: <work-dir>/rm, trained if missing)")
     p.add_argument("--sft-steps", type=int, default=40, help="SFT steps when training one (default 40)")
     p.add_argument("--rm-steps", type=int, default=100, help="reward-model steps when training one (default 100)")
     p.add_argument("--num-mini-batches", type=int, default=1,
                    help="ppo.num_mini_batches on both sides (default 1: see 'Settings mapped' above)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="further override of examples/ppo_tiny.yaml (repeatable); the TRL side follows "
-                        "the mapped fields")
-    p.add_argument("--trl-python", default="/tmp/trlppo/bin/python", help="python of a virtualenv with trl==1.12.0")
-    p.add_argument("--skip-trl", action="store_true", help="run only megarlhf")
-    p.add_argument("--threads", type=int, default=2, help="torch threads on both sides (OMP_NUM_THREADS)")
-    p.add_argument("--json", default=None, help="also write settings and figures to this file")
-    args = p.parse_args(argv)  # fmt: skip
-    if args.iterations <= args.warmup:
-        p.error(f"--iterations {args.iterations} must exceed --warmup {args.warmup}")
-    return args
-
-
-def run_measured(cmd: list[str], log: Path, env: dict) -> float:
-    """Run `cmd` in the repo root, stdout and stderr to `log`; returns the child's peak RSS
-    in MiB (ru_maxrss from os.wait4: that process and the children it waited for)."""
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode:
-        tail = "".join(log.read_text().splitlines(keepends=True)[-20:])
-        sys.exit(f"error: {' '.join(cmd[:4])} ... exited {proc.returncode}; last lines of {log}:\n{tail}")
-    return usage.ru_maxrss / 1024  # KiB on Linux
+    return parse_iteration_args(p, argv, PPO_YAML, "/tmp/trlppo/bin/python", "python of a virtualenv with trl==1.12.0")
 
 
 def train_policy_and_rm(args, work: Path, data_dir: Path, tokenizer: Path, env: dict) -> tuple[Path, Path]:
@@ -167,75 +137,28 @@ def ppo_config(args, work: Path, data_dir: Path, tokenizer: Path, sft: Path, rm:
     ]  # fmt: skip
     cfg = load_config(PPOConfig, REPO / PPO_YAML, overrides)
     ppo, gen = cfg.ppo, cfg.generation
-    unmapped = [
-        (cfg.model.arch != "llama" or cfg.model.add_qkv_bias, "model.arch=llama without q/k/v bias"),
-        (cfg.layout.tp * cfg.layout.pp != 1 or cfg.model.recompute != "none", "layout.tp=pp=1, model.recompute=none"),
+    exit_if_unmapped(cfg, [
         (gen.top_k != 0 or gen.top_p != 1.0, "generation.top_k=0, top_p=1 (TRL samples the full distribution)"),
         (ppo.adap_kl_ctrl or ppo.kl_estimator == "k2", "ppo.adap_kl_ctrl=false, kl_estimator k1 or k3"),
         (ppo.entropy_coef != 0 or not ppo.whiten_advantages or ppo.normalize_reward or ppo.reward_clip != 0,
          "ppo.entropy_coef=0, whiten_advantages=true, normalize_reward=false, reward_clip=0"),
         (cfg.reward_model_weight != 1.0, "reward_model_weight=1"),
-    ]  # fmt: skip
-    bad = [need for wrong, need in unmapped if wrong]
-    if bad:
-        sys.exit("error: TRL 1.12's PPOTrainer has no equivalent of these settings; need " + "; ".join(bad))
+    ], "TRL 1.12's PPOTrainer has no equivalent of these settings")  # fmt: skip
     return cfg, overrides
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return sorted((r for r in rows if "time/iteration" in r), key=lambda r: r["step"])
-
-
-def summarize_megarlhf(rows: list[dict], warmup: int) -> dict:
-    per = [
-        {"seconds": r["time/iteration"], "generated": r["tokens/generated"], "trained": r["tokens/trained"],
-         "tokens": r["tokens/generated"] + r["tokens/trained"], "response_length": r["response_length"],
-         "loop_seconds": r["time"] - prev["time"] if prev else None,
-         **{p: r.get(f"time/{p}", 0.0) for p in PHASES}}
-        for prev, r in zip([None, *rows[:-1]], rows)
-    ]  # fmt: skip
-    timed = per[warmup:]
-    n, tokens, seconds = len(timed), sum(r["tokens"] for r in timed), sum(r["seconds"] for r in timed)
-    loop = [r["loop_seconds"] for r in timed if r["loop_seconds"] is not None]
-    return {
-        "iterations": len(per), "timed_iterations": n, "tokens": tokens, "seconds": seconds,
-        "seconds_per_iteration": seconds / n,
-        "median_seconds_per_iteration": statistics.median(r["seconds"] for r in timed),
-        "loop_seconds_per_iteration": sum(loop) / len(loop) if loop else None,
-        "generated_per_iteration": sum(r["generated"] for r in timed) / n,
-        "trained_per_iteration": sum(r["trained"] for r in timed) / n,
-        "median_tokens_per_second": statistics.median(r["tokens"] / r["seconds"] for r in timed),
-        "total_tokens_per_second": tokens / seconds,
-        "phase_seconds": {p: sum(r[p] for r in timed) / n for p in PHASES},
-        "per_iteration": per,
-    }  # fmt: skip
-
-
 def run_megarlhf(cfg, overrides: list[str], work: Path, env: dict, warmup: int) -> dict:
-    run_dir = Path(cfg.train.run_dir)
-    if run_dir.exists():  # a fresh run: no resume, metrics.jsonl from this run only
-        shutil.rmtree(run_dir)
-    cmd = [sys.executable, "-m", "megarlhf", "ppo", "--config", PPO_YAML, *overrides]
-    rss = run_measured(cmd, work / "megarlhf_ppo.log", env)
-    out = summarize_megarlhf(read_metrics(run_dir), warmup)
+    rows, rss = run_megarlhf_iterations("ppo", PPO_YAML, cfg, overrides, work, env)
+    out = summarize_megarlhf(megarlhf_iterations(rows), warmup)
     # One optimizer step per minibatch and epoch, for the actor and for the critic.
     out.update(peak_rss_mib=rss, optimizer_steps_per_iteration=2 * cfg.ppo.num_ppo_epochs * cfg.ppo.num_mini_batches,
                parameters={"policy": cfg.model.num_parameters("lm")})  # fmt: skip
     return out
 
 
-def write_prompts(cfg, out: Path) -> int:
-    """megarlhf's tokenization of the prompts (its chat template), as TRL's input_ids rows."""
-    from megarlhf.data import ChatTemplate, PromptDataset, load_tokenizer
-
-    d = cfg.data
-    data = PromptDataset(d.train_file, load_tokenizer(d.tokenizer), ChatTemplate(), d.max_length,
-                         truncation=d.truncation, on_error=d.on_error)  # fmt: skip
-    with open(out, "w", encoding="utf-8") as f:
-        for it in data:
-            f.write(json.dumps({"input_ids": it["prompt_ids"].tolist()}) + "\n")
-    return len(data)
+def trl_prompt_row(item: dict) -> dict:
+    """A prompt as TRL's row: megarlhf's tokenization (its chat template) as input_ids."""
+    return {"input_ids": item["prompt_ids"].tolist()}
 
 
 def run_trl(cfg, sft: Path, rm: Path, args, work: Path, env: dict) -> dict:
@@ -246,7 +169,7 @@ def run_trl(cfg, sft: Path, rm: Path, args, work: Path, env: dict) -> dict:
     export_hf(sft, hf / "sft", tok.pad_id, work / "export_sft.log", env)
     export_hf(rm, hf / "rm", tok.pad_id, work / "export_rm.log", env)
     prompts = work / "trl_prompts.jsonl"
-    rows = write_prompts(cfg, prompts)
+    rows = write_prompts(cfg, prompts, trl_prompt_row)
     ppo, gen, train = cfg.ppo, cfg.generation, cfg.train
     cmd = [
         args.trl_python, str(REPO / "tools" / "trl_ppo_baseline.py"),
@@ -264,50 +187,14 @@ def run_trl(cfg, sft: Path, rm: Path, args, work: Path, env: dict) -> dict:
         "--pad-id", tok.pad_id, "--eos-id", tok.eos_id, "--vocab", cfg.model.vocab_size,
         "--threads", args.threads, "--seed", train.seed,
     ]  # fmt: skip
-    log = work / "trl_ppo.log"
-    rss = run_measured([str(c) for c in cmd], log, env)
-    r = json.loads(log.read_text().strip().splitlines()[-1])
-    r.update(peak_rss_mib_wait4=rss, prompts=rows)
+    r = run_trl_baseline(cmd, work / "trl_ppo.log", env)
+    r["prompts"] = rows
     return r
 
 
-def pct(part: float, whole: float) -> str:
-    return f"{100 * part / whole:.0f}%"
-
-
-def print_figures(rows: list[tuple[str, str, str]], ours: dict, trl: dict | None) -> None:
-    """The side-by-side table: (label, key, format) rows of megarlhf's figures, TRL's and the ratio."""
-    head = f"{'figure':<34}{'megarlhf':>10}" + (f"{'TRL':>10}{'megarlhf/TRL':>14}" if trl else "")
-    print("\n" + head + "\n" + "-" * len(head))
-    for label, key, fmt in rows:
-        line = f"{label:<34}{fmt.format(ours[key]):>10}"
-        if trl:
-            line += f"{fmt.format(trl[key]):>10}{ours[key] / trl[key]:>13.2f}x"
-        print(line)
-
-
 def print_table(ours: dict, trl: dict | None, cfg, args) -> None:
-    rows = [
-        ("seconds / iteration (mean)", "seconds_per_iteration", "{:.2f}"),
-        ("seconds / iteration (median)", "median_seconds_per_iteration", "{:.2f}"),
-        ("generated tokens / iteration", "generated_per_iteration", "{:.0f}"),
-        ("trained tokens / iteration", "trained_per_iteration", "{:.0f}"),
-        ("tokens/s (median of iterations)", "median_tokens_per_second", "{:.0f}"),
-        ("tokens/s (total / time)", "total_tokens_per_second", "{:.0f}"),
-        ("peak RSS (MiB)", "peak_rss_mib", "{:.0f}"),
-        ("optimizer steps / iteration", "optimizer_steps_per_iteration", "{:.0f}"),
-    ]
-    print_figures(rows, ours, trl)
-    ph, it = ours["phase_seconds"], ours["seconds_per_iteration"]
-    print("\nmegarlhf per phase (% of time/iteration): " + ", ".join(f"{p} {pct(ph[p], it)}" for p in PHASES)
-          + f"; seconds/iteration incl. the loop: {ours['loop_seconds_per_iteration'] or float('nan'):.2f}")  # fmt: skip
-    print(f"megarlhf generation: {ours['generated_per_iteration'] / ph['generate']:.0f} generated tokens/s")
-    if trl:
-        tp, tit = trl["phase_seconds"], trl["seconds_per_iteration"]
-        print("TRL per phase (% of iteration): " + ", ".join(f"{p} {pct(tp[p], tit)}" for p in ("generate", "score", "train"))
-              + " (score holds shaping/GAE/whitening)")  # fmt: skip
-        print(f"TRL generation: {trl['generated_per_iteration'] / tp['generate']:.0f} generated tokens/s; "
-              f"parameters policy {trl['parameters']['policy']:,} (megarlhf {ours['parameters']['policy']:,})")  # fmt: skip
+    print_figures([*SECONDS_ROWS, *TOKENS_ROWS], ours, trl)
+    print_phases(ours, trl, " (score holds shaping/GAE/whitening)")
     t, m = cfg.train, cfg.model
     print(
         f"\n{m.num_layers} layers, hidden {m.hidden_size}; {t.global_batch_size} prompts/iteration, micro-batch "
@@ -315,42 +202,26 @@ def print_table(ours: dict, trl: dict | None, cfg, args) -> None:
         f"response_length {cfg.generation.response_length}, temperature {cfg.generation.temperature}; "
         f"{args.iterations} iterations per side, first {args.warmup} skipped; {args.threads} threads; float32 CPU"
     )
-    busy = f"cores busy with other work just before the runs: megarlhf {ours['busy_cores']:.1f}"
-    if trl:
-        v = trl["versions"]
-        busy += f", TRL {trl['busy_cores']:.1f}; TRL {v['trl']}, transformers {v['transformers']}, torch {v['torch']}"
-    print(busy)
+    print_busy_and_versions(ours, trl)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    work = Path(args.work_dir).resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    data_dir = Path(args.data_dir).resolve() if args.data_dir else work / "data"
-    tokenizer = prepare_data(data_dir)
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    work, data_dir, tokenizer, env = prepare_work(args)
     sft, rm = train_policy_and_rm(args, work, data_dir, tokenizer, env)
     cfg, overrides = ppo_config(args, work, data_dir, tokenizer, sft, rm)
 
-    print(f"[ppo] megarlhf: {args.iterations} iterations ...", flush=True)
-    busy = check_idle(args.threads, "megarlhf ppo")
-    ours = run_megarlhf(cfg, overrides, work, env, args.warmup)
-    ours["busy_cores"] = busy
-    trl = None
-    if not args.skip_trl:
-        print(f"[ppo] TRL: {args.iterations} iterations ...", flush=True)
-        busy = check_idle(args.threads, "TRL ppo")
-        trl = run_trl(cfg, sft, rm, args, work, env)
-        trl["busy_cores"] = busy
+    ours, trl = measure_both_sides(
+        "ppo", args, lambda: run_megarlhf(cfg, overrides, work, env, args.warmup),
+        lambda: run_trl(cfg, sft, rm, args, work, env),
+    )  # fmt: skip
     print_table(ours, trl, cfg, args)
     if args.json:
-        settings = {k: v for k, v in vars(args).items() if k != "json"}
-        result = {"settings": settings, "megarlhf_overrides": overrides, "megarlhf": ours, "trl": trl}
+        ratio = None
         if trl:
-            result["ratio"] = {k: ours[k] / trl[k] for k in
-                               ("median_tokens_per_second", "total_tokens_per_second", "seconds_per_iteration")}  # fmt: skip
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
-        print(f"wrote {args.json}")
+            ratio = {k: ours[k] / trl[k] for k in
+                     ("median_tokens_per_second", "total_tokens_per_second", "seconds_per_iteration")}  # fmt: skip
+        write_json(args, overrides, ours, trl, ratio)
     return 0
 
 

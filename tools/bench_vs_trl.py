@@ -103,6 +103,19 @@ def prepare_data(data_dir: Path) -> Path:
     return model
 
 
+def prepare_work(args) -> tuple[Path, Path, Path, dict]:
+    """The set-up of this script, bench_ppo.py and bench_grpo.py: --work-dir (created), the
+    task's data and tokenizer in --data-dir (default <work-dir>/data) and the children's
+    environment with --threads OpenMP/MKL threads. Returns (work dir, data dir, sp.model,
+    environment)."""
+    work = Path(args.work_dir).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    data_dir = Path(args.data_dir).resolve() if args.data_dir else work / "data"
+    tokenizer = prepare_data(data_dir)
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    return work, data_dir, tokenizer, env
+
+
 def train_sft(run: Path, steps: int, data_dir: Path, tokenizer: Path, log: Path, env: dict) -> Path:
     """A short SFT policy (examples/sft_tiny.yaml) in `run`, kept when it already has a checkpoint."""
     if (run / "checkpoints" / "latest").is_file():
@@ -354,11 +367,7 @@ def print_table(results: dict, args) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    work = Path(args.work_dir).resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    data_dir = Path(args.data_dir).resolve() if args.data_dir else work / "data"
-    tokenizer = prepare_data(data_dir)
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    _, data_dir, tokenizer, env = prepare_work(args)
     results = {stage: bench_stage(stage, data_dir, tokenizer, args, env) for stage in args.stages}
     print_table(results, args)
     if args.json:

@@ -35,13 +35,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import sys
 import tempfile
 import time
 from collections import deque
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from trl_common import read_jsonl, use_threads, versions  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -86,9 +89,10 @@ def parse_args(argv=None):
 
 def build_tokenizer(vocab: int, pad_id: int, eos_id: int, padding_side: str = "right"):
     """A WordLevel tokenizer with one piece `<id{i}>` per id: TRL wants a processing_class
-    with pad and EOS pieces. It never tokenizes pre-tokenized rows (SFT, RM); text made of
-    these pieces (DPO, GRPO prompts) splits at every piece and encodes to exactly those ids,
-    with no BOS, EOS or merges, so TRL's own tokenization gives back megarlhf's ids."""
+    with pad and EOS pieces. It never tokenizes pre-tokenized rows (SFT, RM, PPO prompts);
+    text made of these pieces (DPO, GRPO prompts) splits at every piece and encodes to
+    exactly those ids, with no BOS, EOS or merges, so TRL's own tokenization gives back
+    megarlhf's ids."""
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -184,15 +188,12 @@ def summarize(rows: list[dict], warmup: int) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
+    use_threads(args.threads)
     import torch
-    import transformers
     import trl
     from datasets import Dataset
 
-    torch.set_num_threads(args.threads)
-    with open(args.data, encoding="utf-8") as f:
-        dataset = Dataset.from_list([json.loads(line) for line in f])
+    dataset = Dataset.from_list(read_jsonl(args.data))
     tokenizer = build_tokenizer(args.vocab, args.pad_id, args.eos_id)
     model = build_model(args)
 
@@ -241,7 +242,7 @@ def main(argv=None) -> int:
     result = {
         "framework": "trl", "stage": args.stage, "steps": len(timer.rows), "warmup": args.warmup,
         "threads": torch.get_num_threads(), "parameters": sum(p.numel() for p in model.parameters()),
-        "versions": {"trl": trl.__version__, "transformers": transformers.__version__, "torch": torch.__version__},
+        "versions": versions(),
         **summarize(timer.rows, args.warmup), "per_step": timer.rows,
     }  # fmt: skip
     if args.stage == "dpo":

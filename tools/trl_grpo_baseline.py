@@ -49,9 +49,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import resource
 import shutil
 import statistics
 import sys
@@ -61,6 +59,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from trl_baseline import build_tokenizer, load_policy  # noqa: E402
+from trl_common import add_iteration_args, iteration_result, parse_iteration_args, read_jsonl  # noqa: E402
+from trl_common import count_optimizer_steps, iteration_callback, summarize_iterations, use_threads  # noqa: E402
+
+PHASES = ("generate", "score", "reward", "train")
 
 
 def parse_args(argv=None):
@@ -68,8 +70,7 @@ def parse_args(argv=None):
     p.add_argument("--policy", required=True, help="HF LlamaForCausalLM folder: policy and reference")
     p.add_argument("--prompts", required=True, help='JSONL {"prompt": id text, "prompt_text": str}')
     p.add_argument("--sp-model", required=True, help="the task's sentencepiece model, to decode completions")
-    p.add_argument("--iterations", type=int, default=10, help="generation batches (GRPO iterations) to run")
-    p.add_argument("--warmup", type=int, default=2, help="first iterations left out of the figures")
+    add_iteration_args(p, "generation batches (GRPO iterations) to run")
     p.add_argument("--prompts-per-iteration", type=int, default=16, help="megarlhf's train.global_batch_size")
     p.add_argument("--num-generations", type=int, default=8)
     p.add_argument("--micro-batch-size", type=int, default=16, help="sequences per forward/backward")
@@ -92,14 +93,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup-lr-steps", type=int, default=0)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--max-grad-norm", type=float, default=1.0)
-    p.add_argument("--pad-id", type=int, default=0)
-    p.add_argument("--eos-id", type=int, default=3)
-    p.add_argument("--vocab", type=int, default=32, help="ids the placeholder tokenizer knows (>= model vocab)")
-    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (and OMP_NUM_THREADS)")
-    p.add_argument("--seed", type=int, default=1234)
-    args = p.parse_args(argv)  # fmt: skip
-    if args.iterations <= args.warmup:
-        p.error(f"--iterations {args.iterations} must exceed --warmup {args.warmup}")
+    args = parse_iteration_args(p, argv)  # fmt: skip
     rows = args.prompts_per_iteration * args.num_generations
     if rows % args.num_mini_batches or (rows // args.num_mini_batches) % args.micro_batch_size:
         p.error(f"{rows} rows per iteration must split into --num-mini-batches {args.num_mini_batches} "
@@ -150,9 +144,10 @@ class Meter:
         self.steps_per_iteration, self.passes = steps_per_iteration, passes
         self.rows: list[dict] = []
         self.optimizer_steps = self.callback_steps = 0
-        self._reset(time.perf_counter())
+        self.reset(time.perf_counter())
 
-    def _reset(self, now: float) -> None:
+    def reset(self, now: float) -> None:
+        """Start a new iteration's clock and counts at `now`."""
         self.start = now
         self.seconds = {"generate": 0.0, "rollout": 0.0, "reward": 0.0}
         self.generated = self.prompt_tokens = 0
@@ -172,6 +167,7 @@ class Meter:
         return timed
 
     def step_end(self) -> None:
+        """Called at every optimizer step's end; the iteration's last one closes its row."""
         self.callback_steps += 1
         if self.callback_steps % self.steps_per_iteration:
             return
@@ -186,53 +182,16 @@ class Meter:
             "optimizer_steps": self.optimizer_steps - self.steps_before,
             "rule_score": statistics.fmean(self.rule_scores) if self.rule_scores else float("nan"),
         })  # fmt: skip
-        self._reset(end)
-
-
-def make_callback(meter: Meter):
-    from transformers import TrainerCallback
-
-    class IterationTimer(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kw):
-            meter._reset(time.perf_counter())
-
-        def on_step_end(self, args, state, control, **kw):  # once per optimizer step
-            meter.step_end()
-
-    return IterationTimer()
-
-
-def summarize(rows: list[dict], warmup: int) -> dict:
-    timed = rows[warmup:]
-    if not timed:
-        raise SystemExit(f"error: no timed iterations: {len(rows)} run, --warmup {warmup}; raise --iterations")
-    tokens, seconds, n = sum(r["tokens"] for r in timed), sum(r["seconds"] for r in timed), len(timed)
-    return {
-        "timed_iterations": n, "tokens": tokens, "seconds": seconds,
-        "seconds_per_iteration": seconds / n,
-        "median_seconds_per_iteration": statistics.median(r["seconds"] for r in timed),
-        "generated_per_iteration": sum(r["generated"] for r in timed) / n,
-        "trained_per_iteration": sum(r["trained"] for r in timed) / n,
-        "median_tokens_per_second": statistics.median(r["tokens"] / r["seconds"] for r in timed),
-        "total_tokens_per_second": tokens / seconds,
-        "phase_seconds": {k: sum(r[k] for r in timed) / n for k in ("generate", "score", "reward", "train")},
-        "optimizer_steps_per_iteration": sum(r["optimizer_steps"] for r in timed) / n,
-        "rule_score": statistics.fmean(r["rule_score"] for r in rows),
-    }  # fmt: skip
+        self.reset(end)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
-    import torch
-    import transformers
+    use_threads(args.threads, args.seed)
     import trl
     from datasets import Dataset
 
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    with open(args.prompts, encoding="utf-8") as f:
-        dataset = Dataset.from_list([json.loads(line) for line in f])
+    dataset = Dataset.from_list(read_jsonl(args.prompts))
     tokenizer = build_tokenizer(args.vocab, args.pad_id, args.eos_id, padding_side="left")
     policy = load_policy(args.policy)
 
@@ -280,25 +239,21 @@ def main(argv=None) -> int:
     trainer._generate = meter.clock("generate", trainer._generate)
     trainer._generate_and_score_completions = meter.clock("rollout", trainer._generate_and_score_completions)
     trainer._calculate_rewards = meter.clock("reward", trainer._calculate_rewards)
-    trainer.add_callback(make_callback(meter))
-    inner = trainer.create_optimizer()  # the Trainer keeps it; train() reuses it
-    inner = inner.optimizer if hasattr(inner, "optimizer") else inner
-    inner.register_step_post_hook(lambda *_: setattr(meter, "optimizer_steps", meter.optimizer_steps + 1))
+    trainer.add_callback(iteration_callback(meter))
+    count_optimizer_steps(meter, trainer.create_optimizer())  # the Trainer keeps it; train() reuses it
     trainer.train()
     shutil.rmtree(config.output_dir, ignore_errors=True)  # save_strategy="no": nothing worth keeping
 
-    result = {
-        "framework": "trl", "iterations": len(meter.rows), "warmup": args.warmup,
-        "threads": torch.get_num_threads(), "parameters": {"policy": sum(p.numel() for p in policy.parameters())},
-        "config": {k: getattr(config, k) for k in (
-            "per_device_train_batch_size", "gradient_accumulation_steps", "steps_per_generation",
-            "generation_batch_size", "num_generations", "num_iterations", "max_completion_length", "temperature",
-            "top_p", "top_k", "beta", "epsilon", "epsilon_high", "loss_type", "scale_rewards",
-            "mask_truncated_completions", "use_bias_correction_kl", "learning_rate", "lr_scheduler_type")},
-        "versions": {"trl": trl.__version__, "transformers": transformers.__version__, "torch": torch.__version__},
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        **summarize(meter.rows, args.warmup), "per_iteration": meter.rows,
-    }  # fmt: skip
+    figures = summarize_iterations(meter.rows, args.warmup, PHASES)
+    figures["rule_score"] = statistics.fmean(r["rule_score"] for r in meter.rows)  # all iterations
+    config_keys = (
+        "per_device_train_batch_size", "gradient_accumulation_steps", "steps_per_generation",
+        "generation_batch_size", "num_generations", "num_iterations", "max_completion_length", "temperature",
+        "top_p", "top_k", "beta", "epsilon", "epsilon_high", "loss_type", "scale_rewards",
+        "mask_truncated_completions", "use_bias_correction_kl", "learning_rate", "lr_scheduler_type",
+    )  # fmt: skip
+    parameters = {"policy": sum(p.numel() for p in policy.parameters())}
+    result = iteration_result(args, meter.rows, parameters, config, config_keys, figures)
     print(json.dumps(result, default=str))
     return 0
 

@@ -37,13 +37,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import shutil
-import statistics
 import sys
 import tempfile
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from trl_baseline import build_tokenizer  # noqa: E402
+from trl_common import add_iteration_args, iteration_result, parse_iteration_args, read_jsonl  # noqa: E402
+from trl_common import count_optimizer_steps, iteration_callback, summarize_iterations, use_threads  # noqa: E402
+
+PHASES = ("generate", "score", "train")
 
 
 def parse_args(argv=None):
@@ -52,8 +57,7 @@ def parse_args(argv=None):
     p.add_argument("--reward", required=True, help="HF LlamaForSequenceClassification folder (num_labels=1)")
     p.add_argument("--value", default=None, help="HF folder of the value model (default: --reward)")
     p.add_argument("--prompts", required=True, help='pre-tokenized prompts, JSONL {"input_ids": [...]}')
-    p.add_argument("--iterations", type=int, default=10, help="PPO iterations (TRL updates) to run")
-    p.add_argument("--warmup", type=int, default=2, help="first iterations left out of the figures")
+    add_iteration_args(p, "PPO iterations (TRL updates) to run")
     p.add_argument("--batch-size", type=int, default=64, help="prompts per iteration (megarlhf's global_batch_size)")
     p.add_argument("--micro-batch-size", type=int, default=16, help="sequences per training forward/backward")
     p.add_argument("--rollout-batch-size", type=int, default=64,
@@ -73,31 +77,10 @@ def parse_args(argv=None):
     p.add_argument("--missing-eos-penalty", type=float, default=None)
     p.add_argument("--lr", type=float, default=1e-4, help="one AdamW over policy and value model, constant")
     p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--pad-id", type=int, default=0)
-    p.add_argument("--eos-id", type=int, default=3)
-    p.add_argument("--vocab", type=int, default=32, help="ids the placeholder tokenizer knows (>= model vocab)")
-    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (and OMP_NUM_THREADS)")
-    p.add_argument("--seed", type=int, default=1234)
-    args = p.parse_args(argv)  # fmt: skip
-    if args.iterations <= args.warmup:
-        p.error(f"--iterations {args.iterations} must exceed --warmup {args.warmup}")
+    args = parse_iteration_args(p, argv)  # fmt: skip
     if args.batch_size % args.micro_batch_size:
         p.error(f"--batch-size {args.batch_size} must be a multiple of --micro-batch-size {args.micro_batch_size}")
     return args
-
-
-def build_tokenizer(vocab: int, pad_id: int, eos_id: int):
-    """A WordLevel tokenizer with one piece per id, left padding: TRL needs pad/EOS ids and
-    a collator, and appends responses after the (left-padded) queries; it never tokenizes
-    the pre-tokenized rows, so the pieces need no meaning."""
-    from tokenizers import Tokenizer, models
-    from transformers import PreTrainedTokenizerFast
-
-    pieces = {f"<id{i}>": i for i in range(vocab)}
-    tok = Tokenizer(models.WordLevel(pieces, unk_token=f"<id{pad_id}>"))
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token=f"<id{pad_id}>", eos_token=f"<id{eos_id}>", padding_side="left"
-    )
 
 
 def load_models(args):
@@ -123,9 +106,10 @@ class Meter:
         self.eos_id, self.pad_id, self.epochs = eos_id, pad_id, epochs
         self.rows: list[dict] = []
         self.optimizer_steps = 0
-        self._reset(time.perf_counter())
+        self.reset(time.perf_counter())
 
-    def _reset(self, now: float) -> None:
+    def reset(self, now: float) -> None:
+        """Start a new iteration's clock and counts at `now`."""
         self.start, self.train_start = now, None
         self.generate_seconds = 0.0
         self.generated = self.prompt_tokens = self.positions = 0
@@ -159,7 +143,8 @@ class Meter:
 
         return timed
 
-    def end_iteration(self) -> None:
+    def step_end(self) -> None:
+        """Called at every on_step_end, once per PPO update in TRL 1.12: closes the iteration's row."""
         end = time.perf_counter()
         seconds = end - self.start
         train = end - self.train_start if self.train_start is not None else 0.0
@@ -170,56 +155,20 @@ class Meter:
             "generated": self.generated, "trained": trained, "tokens": self.generated + trained,
             "positions": self.positions, "optimizer_steps": self.optimizer_steps - self.steps_before,
         })  # fmt: skip
-        self._reset(end)
-
-
-def make_callback(meter: Meter):
-    from transformers import TrainerCallback
-
-    class IterationTimer(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kw):
-            meter._reset(time.perf_counter())
-
-        def on_step_end(self, args, state, control, **kw):  # once per PPO update in TRL 1.12
-            meter.end_iteration()
-
-    return IterationTimer()
-
-
-def summarize(rows: list[dict], warmup: int) -> dict:
-    timed = rows[warmup:]
-    if not timed:
-        raise SystemExit(f"error: no timed iterations: {len(rows)} run, --warmup {warmup}; raise --iterations")
-    tokens, seconds = sum(r["tokens"] for r in timed), sum(r["seconds"] for r in timed)
-    n = len(timed)
-    return {
-        "timed_iterations": n, "tokens": tokens, "seconds": seconds,
-        "seconds_per_iteration": seconds / n,
-        "median_seconds_per_iteration": statistics.median(r["seconds"] for r in timed),
-        "generated_per_iteration": sum(r["generated"] for r in timed) / n,
-        "trained_per_iteration": sum(r["trained"] for r in timed) / n,
-        "median_tokens_per_second": statistics.median(r["tokens"] / r["seconds"] for r in timed),
-        "total_tokens_per_second": tokens / seconds,
-        "phase_seconds": {k: sum(r[k] for r in timed) / n for k in ("generate", "score", "train")},
-        "optimizer_steps_per_iteration": sum(r["optimizer_steps"] for r in timed) / n,
-    }  # fmt: skip
+        self.reset(end)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
-    import torch
-    import transformers
-    import trl
+    use_threads(args.threads, args.seed)
     from datasets import Dataset
     from trl.experimental.ppo import PPOConfig, PPOTrainer
     from trl.experimental.ppo import ppo_trainer as ppo_module
 
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    with open(args.prompts, encoding="utf-8") as f:
-        dataset = Dataset.from_list([{"input_ids": json.loads(line)["input_ids"]} for line in f])
-    tokenizer = build_tokenizer(args.vocab, args.pad_id, args.eos_id)
+    dataset = Dataset.from_list([{"input_ids": row["input_ids"]} for row in read_jsonl(args.prompts)])
+    # Left padding: TRL appends responses after the (left-padded) queries. It never
+    # tokenizes the pre-tokenized rows, so only the pad and EOS pieces matter here.
+    tokenizer = build_tokenizer(args.vocab, args.pad_id, args.eos_id, padding_side="left")
     policy, reference, reward, value = load_models(args)
 
     config = PPOConfig(
@@ -259,26 +208,20 @@ def main(argv=None) -> int:
         # that iteration would take more optimizer steps than the others.
         print(f"note: {args.iterations} iterations reach the end of the {len(dataset)}-prompt dataloader; "
               "its last batch takes one optimizer step per microbatch", file=sys.stderr)  # fmt: skip
-    inner = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
-    inner.register_step_post_hook(lambda *_: setattr(meter, "optimizer_steps", meter.optimizer_steps + 1))
-    trainer.add_callback(make_callback(meter))
+    count_optimizer_steps(meter, trainer.optimizer)
+    trainer.add_callback(iteration_callback(meter))
     trainer.train()
     shutil.rmtree(config.output_dir, ignore_errors=True)  # save_strategy="no": nothing worth keeping
 
-    result = {
-        "framework": "trl", "iterations": len(meter.rows), "warmup": args.warmup,
-        "threads": torch.get_num_threads(),
-        "parameters": {name: sum(p.numel() for p in m.parameters())
-                       for name, m in (("policy", policy), ("value", value))},
-        "config": {k: getattr(config, k) for k in (
-            "batch_size", "mini_batch_size", "per_device_train_batch_size", "gradient_accumulation_steps",
-            "num_mini_batches", "num_ppo_epochs", "local_rollout_forward_batch_size", "response_length",
-            "temperature", "kl_coef", "kl_estimator", "cliprange", "cliprange_value", "vf_coef", "gamma", "lam",
-            "whiten_rewards", "missing_eos_penalty", "learning_rate", "stop_token")},
-        "versions": {"trl": trl.__version__, "transformers": transformers.__version__, "torch": torch.__version__},
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        **summarize(meter.rows, args.warmup), "per_iteration": meter.rows,
-    }  # fmt: skip
+    config_keys = (
+        "batch_size", "mini_batch_size", "per_device_train_batch_size", "gradient_accumulation_steps",
+        "num_mini_batches", "num_ppo_epochs", "local_rollout_forward_batch_size", "response_length",
+        "temperature", "kl_coef", "kl_estimator", "cliprange", "cliprange_value", "vf_coef", "gamma", "lam",
+        "whiten_rewards", "missing_eos_penalty", "learning_rate", "stop_token",
+    )  # fmt: skip
+    parameters = {name: sum(p.numel() for p in m.parameters()) for name, m in (("policy", policy), ("value", value))}
+    figures = summarize_iterations(meter.rows, args.warmup, PHASES)
+    result = iteration_result(args, meter.rows, parameters, config, config_keys, figures)
     print(json.dumps(result))
     return 0
 

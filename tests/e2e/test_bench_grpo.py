@@ -4,38 +4,14 @@ figures."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
-from tests.e2e.conftest import REPO
+from tests.e2e.test_bench_ppo import LABELS, run_bench_skip_trl
 
 
 def test_bench_grpo_prints_its_figures(task_data, tmp_path):
-    cmd = [
-        sys.executable, "tools/bench_grpo.py", "--skip-trl", "--work-dir", str(tmp_path),
+    ours = run_bench_skip_trl("bench_grpo.py", tmp_path, [
         "--data-dir", str(task_data["tokenizer"].parent), "--sft-steps", "2",
-        "--iterations", "2", "--warmup", "1", "--threads", "1",
         "--set", "train.global_batch_size=4", "--set", "grpo.num_generations=4",
         "--set", "grpo.num_mini_batches=1", "--set", "generation.response_length=8",
-        "--json", str(tmp_path / "bench.json"),
-    ]  # fmt: skip
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stderr[-3000:]
-    for label in ("seconds / iteration (mean)", "sequences/s", "tokens/s (median of iterations)", "peak RSS (MiB)"):
-        assert label in out.stdout, out.stdout[-2000:]
-    assert "megarlhf per phase" in out.stdout
-
-    figures = json.loads((tmp_path / "bench.json").read_text())
-    ours = figures["megarlhf"]
-    assert figures["trl"] is None
-    assert ours["iterations"] == 2 and ours["timed_iterations"] == 1
+    ], labels=(*LABELS, "sequences/s"))  # fmt: skip
     assert ours["optimizer_steps_per_iteration"] == 1
-    assert 0 < ours["generated_per_iteration"] <= 16 * 8
-    assert ours["total_tokens_per_second"] > 0 and ours["peak_rss_mib"] > 100
-    # tokens/s is megarlhf's own throughput/tokens_per_second, rebuilt from its parts.
-    row = ours["per_iteration"][1]
-    assert row["tokens"] == row["generated"] + row["trained"]
-    assert 0 <= row["rule_score"] <= 1
+    assert 0 <= ours["per_iteration"][1]["rule_score"] <= 1

@@ -10,19 +10,21 @@ import sys
 
 from tests.e2e.conftest import REPO
 
+LABELS = ("seconds / iteration (mean)", "tokens/s (median of iterations)", "peak RSS (MiB)")
 
-def test_bench_ppo_prints_its_figures(task_data, tmp_path):
+
+def run_bench_skip_trl(script: str, tmp_path, args: list[str], labels=LABELS) -> dict:
+    """Runs tools/<script> --skip-trl for 2 iterations (1 timed) with `args`, checks the
+    printed `labels`, the per-phase line and the figures bench_ppo.py and bench_grpo.py
+    share; returns megarlhf's figures from its --json file."""
     cmd = [
-        sys.executable, "tools/bench_ppo.py", "--skip-trl", "--work-dir", str(tmp_path),
-        "--data-dir", str(task_data["tokenizer"].parent), "--sft-steps", "2", "--rm-steps", "2",
-        "--iterations", "2", "--warmup", "1", "--threads", "1",
-        "--set", "train.global_batch_size=16", "--set", "generation.response_length=8",
-        "--set", "ppo.num_ppo_epochs=1", "--json", str(tmp_path / "bench.json"),
+        sys.executable, f"tools/{script}", "--skip-trl", "--work-dir", str(tmp_path),
+        "--iterations", "2", "--warmup", "1", "--threads", "1", *args, "--json", str(tmp_path / "bench.json"),
     ]  # fmt: skip
     env = dict(os.environ, PYTHONPATH=str(REPO))
     out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
-    for label in ("seconds / iteration (mean)", "tokens/s (median of iterations)", "peak RSS (MiB)"):
+    for label in labels:
         assert label in out.stdout, out.stdout[-2000:]
     assert "megarlhf per phase" in out.stdout
 
@@ -35,3 +37,12 @@ def test_bench_ppo_prints_its_figures(task_data, tmp_path):
     # tokens/s is megarlhf's own throughput/tokens_per_second, rebuilt from its parts.
     row = ours["per_iteration"][1]
     assert row["tokens"] == row["generated"] + row["trained"]
+    return ours
+
+
+def test_bench_ppo_prints_its_figures(task_data, tmp_path):
+    run_bench_skip_trl("bench_ppo.py", tmp_path, [
+        "--data-dir", str(task_data["tokenizer"].parent), "--sft-steps", "2", "--rm-steps", "2",
+        "--set", "train.global_batch_size=16", "--set", "generation.response_length=8",
+        "--set", "ppo.num_ppo_epochs=1",
+    ])  # fmt: skip
