@@ -9,9 +9,11 @@ live in one job ("separately sharded"). Roles with equal layouts share groups.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import torch
 import torch.distributed as dist
 
 ROLES = ("actor", "critic", "reference", "reward", "rollout")
@@ -119,6 +121,12 @@ class RoleGroups:
     @property
     def is_last_stage(self) -> bool:
         return self.pp_rank == self.layout.pp - 1
+
+    def length_multiple(self, sequence_parallel: bool) -> int:
+        """Sequence lengths at this layout are rounded up to this: 8 on GPU (kernel
+        shapes), x TP under sequence parallelism (T is split over TP ranks), 1 otherwise."""
+        sp = sequence_parallel and self.layout.tp > 1
+        return math.lcm(8 if torch.cuda.is_available() else 1, self.layout.tp if sp else 1)
 
 
 @contextlib.contextmanager

@@ -9,7 +9,6 @@ trainer reads as the algorithm.
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
@@ -19,13 +18,6 @@ from megarlhf.parallel import RoleGroups
 from megarlhf.parallel.collect import shard_rows
 
 Batch = dict[str, torch.Tensor]
-
-
-def length_multiple(groups: RoleGroups, sequence_parallel: bool) -> int:
-    """Sequence lengths are rounded up to this: 8 on GPU (kernel shapes), x TP under
-    sequence parallelism (T is split over TP ranks), 1 otherwise."""
-    sp = sequence_parallel and groups.layout.tp > 1
-    return math.lcm(8 if torch.cuda.is_available() else 1, groups.layout.tp if sp else 1)
 
 
 def rollout_batch(

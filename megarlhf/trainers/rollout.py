@@ -46,7 +46,7 @@ from megarlhf.parallel.collect import gather_rows, is_row_owner, shard_rows
 from megarlhf.parallel.refit import WeightRefit
 from megarlhf.rollout import GenerationEngine, SamplingParams
 from megarlhf.rollout.rewards import load_reward_fn
-from megarlhf.trainers.ppo_batches import cut_microbatches, length_multiple, rollout_batch
+from megarlhf.trainers.ppo_batches import cut_microbatches, rollout_batch
 from megarlhf.trainers.rm import sequence_scores
 from megarlhf.trainers.preempt import StopRequest
 from megarlhf.trainers.run import RunDir
@@ -408,7 +408,7 @@ class RolloutTrainer:
 
     # --- train ---------------------------------------------------------------------------
     def _length_multiple(self, groups: RoleGroups) -> int:
-        return length_multiple(groups, self.cfg.model.sequence_parallel)
+        return groups.length_multiple(self.cfg.model.sequence_parallel)
 
     def _microbatches(self, batch, rows: list[int], extra, groups: RoleGroups, min_length: int = 0):
         """This DP rank's `rows` at `groups`' layout -> microbatches (ppo_batches.cut_microbatches)."""

@@ -30,7 +30,6 @@ from megarlhf.data import ChatTemplate, ShardedSampler, load_tokenizer
 from megarlhf.engine.engine import TrainEngine
 from megarlhf.models.backbone import build_model
 from megarlhf.parallel import Layout, build_parallel_context, init_distributed, seed_all
-from megarlhf.trainers.ppo_batches import length_multiple
 from megarlhf.trainers.preempt import StopRequest
 from megarlhf.trainers.run import RunDir
 
@@ -95,8 +94,8 @@ class SupervisedTrainer:
 
     def step_length(self, items: list[dict]) -> int:
         """Pad `items` to their longest sample, not to data.max_length; rounded up to
-        `length_multiple` (8 on GPU, x tp under sequence parallelism, else 1)."""
-        multiple = length_multiple(self.groups, self.cfg.model.sequence_parallel)
+        `RoleGroups.length_multiple` (8 on GPU, x tp under sequence parallelism, else 1)."""
+        multiple = self.groups.length_multiple(self.cfg.model.sequence_parallel)
         longest = max(self.sample_length(it) for it in items)
         return min(self.cfg.data.max_length, -(-longest // multiple) * multiple) if longest else multiple
 
