@@ -9,7 +9,6 @@ trainer reads as the algorithm.
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 
