@@ -9,11 +9,15 @@ loaded into a megarlhf GPTModel through the HF converter, so both sides run iden
 weights. Both sides generate greedily (every sequence runs to --new tokens: EOS is set to
 an id outside the vocabulary) with the KV cache on; tokens/s = generated tokens / wall
 time, best of --repeats, after one warm-up. The greedy outputs are compared as a check.
+On a GPU both run there (the model's dtype is float32 unless --bf16); --cuda-graphs
+replays megarlhf's decode steps from a CUDA graph (on CPU: the same fixed-shape step,
+eagerly).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import tempfile
@@ -35,6 +39,8 @@ def parse_args(argv=None):
     p.add_argument("--new", type=int, default=64, help="tokens generated per sequence")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--cuda-graphs", action="store_true", help="megarlhf: generation.cuda_graphs=true")
+    p.add_argument("--bf16", action="store_true", help="GPU: both sides in bfloat16")
     p.add_argument("--json", default=None, help="also write the figures here")
     return p.parse_args(argv)
 
@@ -43,8 +49,12 @@ def timed(fn, repeats: int) -> tuple[float, object]:
     fn()  # warm-up
     best, out = float("inf"), None
     for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         t0 = time.perf_counter()
         out = fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t0)
     return best, out
 
@@ -61,6 +71,8 @@ def main(argv=None) -> None:
     from megarlhf.rollout.sampling import SamplingParams
 
     init_distributed()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = "bfloat16" if args.bf16 and device == "cuda" else "float32"
     groups = build_parallel_context({"actor": Layout(1, 1)})["actor"]
     seed_all(0, groups)
     torch.manual_seed(0)
@@ -69,19 +81,24 @@ def main(argv=None) -> None:
         num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
         max_position_embeddings=args.prompt + args.new, tie_word_embeddings=False,
     )).eval()  # fmt: skip
+    hf = hf.to(device=device, dtype=getattr(torch, dtype))
     with tempfile.TemporaryDirectory() as tmp:
         hf.save_pretrained(tmp)
         cfg = model_config_from_hf(read_hf_config(tmp)).config
+        # The local spec's SDPA attention on GPU too: what --cuda-graphs needs.
+        cfg = dataclasses.replace(cfg, params_dtype=dtype, transformer_impl="local")
         model = build_model(cfg, groups, "lm")
         load_hf_weights(model, groups, tmp)
     model.eval()
     never = args.vocab + 7  # an EOS no sequence can produce: every row runs to --new tokens
-    engine = GenerationEngine(model, groups, vocab_size=args.vocab, eos_id=never, pad_id=0)
+    engine = GenerationEngine(
+        model, groups, vocab_size=args.vocab, eos_id=never, pad_id=0, cuda_graphs=args.cuda_graphs
+    )
     params = SamplingParams(max_new_tokens=args.new, temperature=0)
 
     rows = []
     for b in args.batch:
-        prompts = torch.randint(0, args.vocab, (b, args.prompt), generator=torch.Generator().manual_seed(b))
+        prompts = torch.randint(0, args.vocab, (b, args.prompt), generator=torch.Generator().manual_seed(b)).to(device)
         ours_s, ours = timed(lambda: engine.generate(prompts.tolist(), params, [0] * b), args.repeats)
 
         def hf_generate():
@@ -92,7 +109,7 @@ def main(argv=None) -> None:
                 )  # fmt: skip
 
         hf_s, hf_out = timed(hf_generate, args.repeats)
-        same = torch.equal(ours.tokens[:, : args.prompt + args.new], hf_out)
+        same = torch.equal(ours.tokens[:, : args.prompt + args.new], hf_out.cpu())
         tokens = b * args.new
         rows.append({
             "batch": b, "megarlhf_tokens_per_s": round(tokens / ours_s, 1),
@@ -102,7 +119,8 @@ def main(argv=None) -> None:
 
     print(f"\nmodel: Llama {args.layers} layers, hidden {args.hidden}, heads {args.heads}/{args.kv_heads} KV, "
           f"ffn {args.ffn}, vocab {args.vocab} ({cfg.num_parameters() / 1e6:.1f}M params); prompt {args.prompt}, "
-          f"new {args.new}, {args.threads} threads, float32, best of {args.repeats}")  # fmt: skip
+          f"new {args.new}, {device} ({args.threads} threads), {dtype}, cuda_graphs={args.cuda_graphs}, "
+          f"best of {args.repeats}")  # fmt: skip
     print(f"{'batch':>5}  {'megarlhf tok/s':>14}  {'HF generate tok/s':>17}  {'ratio':>6}  same greedy tokens")
     for r in rows:
         print(f"{r['batch']:>5}  {r['megarlhf_tokens_per_s']:>14,.0f}  {r['hf_tokens_per_s']:>17,.0f}  "

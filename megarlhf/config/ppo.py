@@ -57,6 +57,11 @@ class GenerationConfig:
     of the actor over the batch; 'recompute' = that extra pass, for when generation and
     training run at different precisions or kernels (e.g. bf16 decode vs bf16 training
     differ more than fp32 does)."""
+    cuda_graphs: bool = False
+    """Replay each decode step from a CUDA graph (captured once per rollout batch): one
+    launch per generated token instead of hundreds from Python, the GPU's cure for small
+    per-token kernels. Needs megarlhf's SDPA attention (model.transformer_impl=local,
+    model.attention_backend=sdpa). On CPU the same fixed-shape decode step runs eagerly."""
 
     def __post_init__(self):
         if self.old_logprobs not in ("engine", "recompute"):

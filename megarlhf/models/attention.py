@@ -8,6 +8,13 @@ a third of a decode step at 21M parameters on CPU). This subclass rotates each k
 when it enters the cache, and lets the forward rotate only the new queries, as Megatron's
 dynamic-batching path does. Training forwards (no inference context) are untouched.
 
+`FixedShapeDecodeContext`: a `StaticInferenceContext` whose decode steps all have one
+shape, which is what a CUDA graph replays: the step's new key/value go to the cache column
+held in a device tensor (`position`), and attention spans the whole cache under the
+caller's mask (columns after `position` hidden). Megatron-Core's own static-batching graphs
+need flash-decode (flash-attn); this works with any core attention that honours a mask
+(megarlhf's SDPA attention). Used by the rollout engine under `generation.cuda_graphs`.
+
 `SDPAttention`: Megatron-Core's local `DotProductAttention` materialises the [b, np, sq, sk]
 score matrix (baddbmm + softmax + bmm). Transformer Engine replaces it on GPU; without TE
 this module does the same job with `torch.nn.functional.scaled_dot_product_attention`,
@@ -17,18 +24,40 @@ drop-in `core_attention` submodule: same constructor, same [sq, b, np, hn] contr
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
+from megatron.core.inference.contexts import StaticInferenceContext
 from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.enums import AttnMaskType
+
+
+class FixedShapeDecodeContext(StaticInferenceContext):
+    """Static KV cache whose decode steps take their cache column from `position` (a
+    1-element long tensor on the model's device) instead of the Python-side
+    `sequence_len_offset`, and return the whole cache as keys/values. The caller masks the
+    columns not written yet; the cache starts zeroed, so hidden columns hold no NaN."""
+
+    def __init__(self, max_batch_size: int, max_sequence_length: int, device: torch.device):
+        super().__init__(max_batch_size, max_sequence_length)
+        self.position = torch.zeros(1, dtype=torch.long, device=device)
 
 
 class KeyRopeCachedSelfAttention(SelfAttention):
     """`SelfAttention` whose static KV cache holds keys with RoPE already applied."""
 
+    def _allocate_memory(self, inference_max_sequence_length, batch_size, dim, dtype):
+        # Zeros, not Megatron's torch.empty: a fixed-shape decode step attends over the
+        # whole cache, and a masked-out column must hold a finite value (0 x NaN = NaN).
+        return super()._allocate_memory(inference_max_sequence_length, batch_size, dim, dtype).zero_()
+
     def _adjust_key_value_for_inference(self, inference_context, query, key, value, rotary_pos_emb, *args, **kwargs):
+        if isinstance(inference_context, FixedShapeDecodeContext) and inference_context.is_decode_only():
+            return self._fixed_shape_decode(inference_context, query, key, value, rotary_pos_emb)
         if (
             inference_context is None
             or rotary_pos_emb is None
@@ -47,6 +76,23 @@ class KeyRopeCachedSelfAttention(SelfAttention):
         )
         # The forward then rotates the queries at their positions and leaves keys alone.
         return query, key, value, (q_pos_emb[start:end], None), mask_type, block_table
+
+    def _fixed_shape_decode(self, ctx: FixedShapeDecodeContext, query, key, value, rotary_pos_emb):
+        """One decode token per row, written to cache column `ctx.position`; keys/values
+        returned: the whole cache (the caller's attention mask hides unwritten columns)."""
+        if key.size(0) != 1:
+            raise ValueError(f"a fixed-shape decode step takes one token per row, got {key.size(0)}")
+        key_memory, value_memory = ctx.key_value_memory_dict[self.layer_number]
+        query_rope = None
+        if rotary_pos_emb is not None:  # rotary tables span the whole cache (max_sequence_length)
+            q_pos_emb, k_pos_emb = rotary_pos_emb
+            key = apply_rotary_pos_emb(
+                key, k_pos_emb.index_select(0, ctx.position), config=self.config, cp_group=self.pg_collection.cp
+            )
+            query_rope = (q_pos_emb.index_select(0, ctx.position), None)
+        key_memory.index_copy_(0, ctx.position, key)
+        value_memory.index_copy_(0, ctx.position, value)
+        return query, key_memory, value_memory, query_rope, AttnMaskType.no_mask, None
 
 
 class SDPAttention(DotProductAttention):
@@ -80,7 +126,10 @@ class SDPAttention(DotProductAttention):
             mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(sk - sq)
         # sq == 1 (decode step): attends to every cached key, no mask needed.
         dropout_p = self.attention_dropout.p if self.training else 0.0
-        with tensor_parallel.get_cuda_rng_tracker().fork():
+        # The model-parallel RNG matters only to dropout; without it, no RNG state swaps
+        # (they would also read the generator state inside a CUDA graph capture).
+        rng = tensor_parallel.get_cuda_rng_tracker().fork() if dropout_p > 0 else contextlib.nullcontext()
+        with rng:
             context = F.scaled_dot_product_attention(
                 q, k, v,
                 attn_mask=mask,

@@ -15,6 +15,13 @@ prefill up to the shortest prompt, then step one position at a time for everyone
 sample still inside its prompt being fed its own prompt token (forced). Either way the
 returned rows are prompt, response, then padding.
 
+With `cuda_graphs=True` (left-padded batches only) every decode step has one shape
+(`FixedShapeDecodeContext`: the cache column comes from a device tensor, attention spans
+the whole cache under a mask), so on a GPU the step is captured once per `generate` call in
+a CUDA graph and replayed: one launch per token instead of a few hundred kernel launches
+from Python. On CPU the same fixed-shape step runs eagerly (that is how the CPU tests
+check it against the default path).
+
 Returned log-probs are those of the sampled tokens under softmax(logits / T) over the
 whole (unpadded) vocabulary — exactly what the trainer recomputes, so PPO's first
 importance ratio is 1. Top-k/top-p only decide which token is drawn.
@@ -28,7 +35,7 @@ import torch
 import torch.distributed as dist
 from megatron.core.inference.contexts import StaticInferenceContext
 
-from megarlhf.models.attention import SDPAttention
+from megarlhf.models.attention import FixedShapeDecodeContext, SDPAttention
 from megarlhf.parallel import cpu_compat
 from megarlhf.parallel.layout import RoleGroups
 from megarlhf.rollout.sampling import SamplingParams, row_uniforms, sample_tokens
@@ -69,7 +76,16 @@ def _shift_left(x: torch.Tensor, offset: torch.Tensor, fill) -> torch.Tensor:
 class GenerationEngine:
     """Batched autoregressive generation with a KV cache on a TP-only GPTModel."""
 
-    def __init__(self, model: torch.nn.Module, groups: RoleGroups, *, vocab_size: int, eos_id: int, pad_id: int):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        groups: RoleGroups,
+        *,
+        vocab_size: int,
+        eos_id: int,
+        pad_id: int,
+        cuda_graphs: bool = False,
+    ):
         if groups.layout.pp != 1:
             raise ValueError(
                 f"the generation engine runs on a TP-only layout, got {groups.layout}: generate "
@@ -83,6 +99,15 @@ class GenerationEngine:
         # Left padding needs a core attention that applies the mask it is given in prefill
         # and decode alike; see the module docstring.
         self.left_pad = any(isinstance(m, SDPAttention) for m in model.modules())
+        if cuda_graphs and not self.left_pad:
+            raise ValueError(
+                "generation.cuda_graphs needs a core attention that takes a mask in decode steps, "
+                "megarlhf's SDPA attention: set model.transformer_impl=local and "
+                "model.attention_backend=sdpa (Transformer Engine's and the unfused attention take "
+                "a mask type only), or generation.cuda_graphs=false"
+            )
+        self.cuda_graphs = cuda_graphs
+        self.graphs_captured = 0  # decode-step CUDA graphs captured so far (one per generate call)
 
     def _logits(self, tokens: torch.Tensor, positions: torch.Tensor, ctx, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Last-position logits [B, V] (true vocabulary only), gathered over TP. `mask`:
@@ -133,7 +158,8 @@ class GenerationEngine:
         prompt_end = offset + prompt_lengths  # first response position of each row
         last_position = prompt_end + params.max_new_tokens - 1  # per-sample length budget
 
-        ctx = StaticInferenceContext(b, total)
+        fixed = self.cuda_graphs and self.left_pad
+        ctx = FixedShapeDecodeContext(b, total, device) if fixed else StaticInferenceContext(b, total)
         start = max_prompt if left else min(lengths)
         mask = None
         if left:  # causal, padding keys hidden (a padding query sees itself: no empty rows)
@@ -141,6 +167,7 @@ class GenerationEngine:
             mask = causal | (blocked_keys[..., :start] & ~torch.eye(start, dtype=torch.bool, device=device))
         logits = self._logits(tokens[:, :start], positions[:, :start], ctx, mask)
         ctx.increment_sequence_len_offset(start)
+        step = _FixedShapeStep(self, ctx, blocked_keys) if fixed else None
         for t in range(start, total):
             # `logits` predict position t. Samples still in their prompt keep their token.
             generating = (prompt_end <= t) & ~done
@@ -158,8 +185,11 @@ class GenerationEngine:
             if t == total - 1 or bool(done.all()):
                 break
             ctx.enable_decode_mode()
-            step_mask = blocked_keys[..., : t + 1] if left else None
-            logits = self._logits(tokens[:, t : t + 1], positions[:, t : t + 1], ctx, step_mask)
+            if step is not None:
+                logits = step(t, tokens[:, t : t + 1], positions[:, t : t + 1])
+            else:
+                step_mask = blocked_keys[..., : t + 1] if left else None
+                logits = self._logits(tokens[:, t : t + 1], positions[:, t : t + 1], ctx, step_mask)
             ctx.increment_sequence_len_offset(1)
         if left:  # back to prompt-first rows
             tokens, logprobs, entropies, response_mask = (
@@ -190,3 +220,52 @@ class GenerationEngine:
         dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=self.groups.tp)
         if lo.item() != hi.item():
             raise RuntimeError("tensor-parallel ranks generated different tokens: their weights differ")
+
+
+class _FixedShapeStep:
+    """The decode step of one `generate` call with every input in a persistent buffer:
+    token and position ids [B, 1], the cache column, the key mask [B, 1, 1, T]. On a GPU
+    the first call captures the model's forward in a CUDA graph and every call replays it;
+    elsewhere it runs eagerly."""
+
+    def __init__(self, engine: GenerationEngine, ctx: FixedShapeDecodeContext, blocked_keys: torch.Tensor):
+        self.engine, self.ctx = engine, ctx
+        self.blocked_keys = blocked_keys  # [B, 1, 1, T]: padding columns of each row
+        b, total = blocked_keys.shape[0], blocked_keys.shape[-1]
+        device = blocked_keys.device
+        self.tokens = torch.zeros(b, 1, dtype=torch.long, device=device)
+        self.positions = torch.zeros(b, 1, dtype=torch.long, device=device)
+        self.mask = torch.zeros_like(blocked_keys)
+        self.columns = torch.arange(total, device=device)
+        self.graph = None
+        self.logits = None
+        self.use_graph = device.type == "cuda"
+
+    def _forward(self) -> torch.Tensor:
+        return self.engine._logits(self.tokens, self.positions, self.ctx, self.mask)
+
+    def __call__(self, t: int, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        self.tokens.copy_(tokens)
+        self.positions.copy_(positions)
+        self.ctx.position.fill_(t)
+        torch.logical_or(self.blocked_keys, self.columns > t, out=self.mask)
+        if not self.use_graph:
+            return self._forward()
+        if self.graph is None:
+            self._capture()
+        self.graph.replay()
+        return self.logits
+
+    def _capture(self) -> None:
+        # Warm up on a side stream (allocator and library state), then capture. Both write
+        # this step's key/value to its cache column: the same values the replay writes.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._forward()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._forward()
+        self.engine.graphs_captured += 1

@@ -40,11 +40,11 @@ def _full_logits(model, g, tokens):
     return out[..., :VOCAB]
 
 
-def greedy_case(tp, arch, left_pad, max_new=12):
+def greedy_case(tp, arch, mode, max_new=12):
     model, g = _model(tp, arch)
-    engine = GenerationEngine(model, g, vocab_size=VOCAB, eos_id=EOS, pad_id=PAD)
+    engine = GenerationEngine(model, g, vocab_size=VOCAB, eos_id=EOS, pad_id=PAD, cuda_graphs=mode == "fixed_shape")
     assert engine.left_pad  # SDPA attention: one prefill behind left padding by default
-    engine.left_pad = left_pad  # False: prefill to the shortest prompt, then forced steps
+    engine.left_pad = mode != "forced_prompt_steps"  # else prefill to the shortest prompt, then forced steps
     out = engine.generate(PROMPTS, SamplingParams(max_new_tokens=max_new, temperature=0), seeds=[0] * 4)
     # Oracle: each prompt alone, full recomputation of the whole prefix at every step.
     ref_tokens, ref_logprobs = [], []
@@ -67,14 +67,31 @@ def greedy_case(tp, arch, left_pad, max_new=12):
 
 @pytest.mark.parametrize("tp", [1, 2])
 @pytest.mark.parametrize("arch", ["llama", "gpt"])
-@pytest.mark.parametrize("left_pad", [True, False], ids=["left_padded", "forced_prompt_steps"])
-def test_greedy_kv_cache_equals_full_recompute(world2, tp, arch, left_pad):
+@pytest.mark.parametrize("mode", ["left_padded", "forced_prompt_steps", "fixed_shape"])
+def test_greedy_kv_cache_equals_full_recompute(world2, tp, arch, mode):
     """Prompts of 3, 7, 5 and 9 tokens in one batch; RoPE (llama) and learned absolute
-    positions (gpt)."""
-    for res in world2.run(greedy_case, tp, arch, left_pad):
+    positions (gpt). fixed_shape: the decode step CUDA graphs replay (cache column from a
+    device tensor, attention over the whole cache), run eagerly on CPU."""
+    for res in world2.run(greedy_case, tp, arch, mode):
         assert res["tokens"] == res["ref_tokens"]
         for got, ref in zip(res["logprobs"], res["ref_logprobs"]):
             torch.testing.assert_close(torch.tensor(got), torch.tensor(ref), atol=1e-5, rtol=0)
+
+
+def unfused_graphs_case():
+    g = groups(1, 1)
+    reseed(7, g)
+    model = build_model(tiny_config(attention_backend="unfused", transformer_impl="local"), g)
+    try:
+        GenerationEngine(model, g, vocab_size=VOCAB, eos_id=EOS, pad_id=PAD, cuda_graphs=True)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def test_cuda_graphs_need_an_attention_that_takes_a_mask(world2):
+    for msg in world2.run(unfused_graphs_case):
+        assert msg is not None and "model.attention_backend=sdpa" in msg
 
 
 def sampled_case(tp, temperature=0.8):

@@ -194,7 +194,11 @@ def sampling_logprobs_case(root: str, run_dir: str, overrides: list[str]):
             "tokens": int(batch["mask"].sum()), "mean_lp": (lp.sum() / batch["mask"].sum()).item()}  # fmt: skip
 
 
-@pytest.mark.parametrize("overrides", [[], ["layout.pp=2"], ["layout.tp=2"]], ids=["dp2", "pp2_engine_copy", "tp2"])
+@pytest.mark.parametrize(
+    "overrides",
+    [[], ["layout.pp=2"], ["layout.tp=2"], ["layout.tp=2", "generation.cuda_graphs=true"]],
+    ids=["dp2", "pp2_engine_copy", "tp2", "tp2_fixed_shape_decode"],
+)
 def test_engine_logprobs_are_the_old_logprobs(world2, assets, tmp_path, overrides):
     root, _ = assets
     res = world2.run(sampling_logprobs_case, str(root), str(tmp_path / "run"), overrides)[0]
