@@ -248,6 +248,8 @@ def run_trl(stage: str, cfg, data: Path, args, log: Path, env: dict, policy: Pat
     dpo = []
     if stage == "dpo":
         dpo = ["--policy", policy, "--beta", cfg.beta, "--loss-type", cfg.loss_type, "--rpo-alpha", cfg.rpo_alpha]
+        if cfg.precompute_ref_log_probs:
+            dpo.append("--precompute-ref-log-probs")
     cmd = [
         args.trl_python, str(REPO / "tools" / "trl_baseline.py"), "--stage", stage, "--data", str(data),
         "--layers", m.num_layers, "--hidden", m.hidden_size, "--heads", m.num_attention_heads,
@@ -322,7 +324,8 @@ def bench_stage(stage: str, data_dir: Path, tokenizer: Path, args, env: dict) ->
             "micro_batch_size": cfg.train.micro_batch_size, "global_batch_size": cfg.train.global_batch_size,
             "max_length": cfg.data.max_length, "lr": cfg.optim.learning_rate,
             "lr_scheduler": cfg.optim.lr_scheduler_type,
-            **({"dpo": {"beta": cfg.beta, "loss_type": cfg.loss_type, "rpo_alpha": cfg.rpo_alpha, "sft": str(sft)}}
+            **({"dpo": {"beta": cfg.beta, "loss_type": cfg.loss_type, "rpo_alpha": cfg.rpo_alpha, "sft": str(sft),
+                      "precompute_ref_log_probs": cfg.precompute_ref_log_probs}}
                if stage == "dpo" else {}),
         },
     }  # fmt: skip
@@ -357,7 +360,8 @@ def print_table(results: dict, args) -> None:
         if "dpo" in c:
             d = c["dpo"]
             print(f"    DPO: beta {d['beta']}, loss_type {d['loss_type']}, rpo_alpha {d['rpo_alpha']}, policy and "
-                  f"reference from {d['sft']}; lr {c['lr']} {c['lr_scheduler']}")  # fmt: skip
+                  f"reference from {d['sft']}; lr {c['lr']} {c['lr_scheduler']}; reference log-probs "
+                  f"{'precomputed before the first step' if d['precompute_ref_log_probs'] else 'in every step'}")  # fmt: skip
     v = next(iter(results.values()))["trl"]["versions"]
     print(
         f"steps {args.steps} per side, first {args.warmup} skipped; {args.threads} threads; float32 CPU; "

@@ -26,7 +26,9 @@ Tokens = non-pad tokens (attention_mask sum) of the batches of that step, counte
 wrapped data collator; batches are collated in order, so a FIFO pairs them with steps.
 A DPO batch holds both sides of its pairs (chosen rows, then rejected rows), so its
 tokens are those of the chosen + rejected sequences; the reference's forward pass runs
-inside the step (no precomputed reference log-probs), as in megarlhf.
+inside the step, as in megarlhf by default, or (--precompute-ref-log-probs, TRL's
+precompute_ref_log_probs, megarlhf's same-named option) once over the data before the
+first step, outside the step clocks on both sides.
 `positions` = padded positions computed (TRL pads each batch to its longest row).
 The first --warmup steps are skipped. The last stdout line is one JSON object.
 """
@@ -56,6 +58,8 @@ def parse_args(argv=None):
     p.add_argument("--loss-type", default="sigmoid", help="dpo: TRL loss_type (sigmoid = DPO)")
     p.add_argument("--rpo-alpha", type=float, default=0.0,
                    help="dpo: weight of RPO's NLL of the chosen answers (TRL's 'sft' loss added to --loss-type)")
+    p.add_argument("--precompute-ref-log-probs", action="store_true",
+                   help="dpo: the reference scores the data once, before training")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--heads", type=int, default=4)
@@ -221,7 +225,7 @@ def main(argv=None) -> int:
         losses = [args.loss_type, "sft"] if args.rpo_alpha else [args.loss_type]
         config = trl.DPOConfig(
             **common, beta=args.beta, loss_type=losses, loss_weights=[1.0, args.rpo_alpha][: len(losses)],
-            precompute_ref_log_probs=False,
+            precompute_ref_log_probs=args.precompute_ref_log_probs,
         )  # fmt: skip
         trainer = trl.DPOTrainer(
             model=model, ref_model=load_policy(args.policy), args=config, train_dataset=dataset,

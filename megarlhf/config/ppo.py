@@ -15,24 +15,7 @@ from typing import ClassVar, Literal
 
 from megarlhf.config.errors import ConfigError
 from megarlhf.config.model import ModelConfig
-from megarlhf.config.train import DataConfig, LayoutConfig, OptimConfig, RunConfig
-
-
-@dataclass
-class RoleLayoutConfig:
-    """TP/PP of a role other than the actor; 0 = the actor's value."""
-
-    tp: int = 0
-    """Tensor-parallel size (0 = the actor's)."""
-    pp: int = 0
-    """Pipeline-parallel size (0 = the actor's)."""
-
-    def __post_init__(self):
-        if self.tp < 0 or self.pp < 0:
-            raise ConfigError(f"role layout tp={self.tp} pp={self.pp}: must be >= 0 (0 = the actor's)")
-
-    def resolve(self, actor: LayoutConfig) -> tuple[int, int]:
-        return self.tp or actor.tp, self.pp or actor.pp
+from megarlhf.config.train import DataConfig, LayoutConfig, OptimConfig, RoleLayoutConfig, RunConfig
 
 
 @dataclass

@@ -7,7 +7,7 @@ from typing import Literal
 
 from megarlhf.config.errors import ConfigError
 from megarlhf.config.model import ModelConfig
-from megarlhf.config.train import DataConfig, LayoutConfig, OptimConfig, RunConfig
+from megarlhf.config.train import DataConfig, LayoutConfig, OptimConfig, RoleLayoutConfig, RunConfig
 
 
 @dataclass
@@ -53,7 +53,8 @@ class RMConfig(SFTConfig):
 class DPOConfig(SFTConfig):
     """Direct preference optimisation (Rafailov et al. 2023) against a frozen reference
     policy: no reward model, no critic, no generation. Data: preference pairs
-    {"prompt","chosen","rejected"}. The reference shares the policy's layout."""
+    {"prompt","chosen","rejected"}. The reference runs at the policy's layout inside each
+    step, or once up front at its own (precompute_ref_log_probs)."""
 
     beta: float = 0.1
     """Strength of the implicit KL constraint (TRL's beta)."""
@@ -66,6 +67,15 @@ class DPOConfig(SFTConfig):
     """RPO: add rpo_alpha x the token-mean NLL of the chosen response (0 = off)."""
     ref_model_path: str = ""
     """Checkpoint of the reference policy ('' = init_from, the usual choice)."""
+    precompute_ref_log_probs: bool = False
+    """Score every train and eval pair with the reference once, before training (at
+    reference_layout), keep the log-probs with the data (and in
+    run_dir/reference_logps.pt, reused on resume), then free the reference: training
+    steps run the policy only (TRL's name). False: the reference scores each microbatch
+    inside the step, at the policy's layout."""
+    reference_layout: RoleLayoutConfig = field(default_factory=RoleLayoutConfig)
+    """TP/PP of the reference (0 = the policy's); another layout needs
+    precompute_ref_log_probs."""
     win_rate_prompts: str = ""
     """RL prompts JSONL ({"prompt"[, "answer"]}) to measure the policy's win rate against the
     reference at every evaluation: both answer each prompt (sampled, the same seed per
@@ -89,10 +99,22 @@ class DPOConfig(SFTConfig):
             raise ConfigError("label_smoothing applies to loss_type sigmoid only")
         if self.rpo_alpha < 0:
             raise ConfigError(f"rpo_alpha = {self.rpo_alpha}: must be >= 0")
+        ref_layout = self.reference_layout.resolve(self.layout)
+        if ref_layout != (self.layout.tp, self.layout.pp) and not self.precompute_ref_log_probs:
+            raise ConfigError(
+                f"reference_layout tp={ref_layout[0]} pp={ref_layout[1]} differs from the policy's "
+                f"layout: set precompute_ref_log_probs=true (the reference then scores the data once, "
+                f"at its own layout) or leave reference_layout at 0 (scored inside each step)"
+            )
         if self.win_rate_prompts and not self.reward_fn:
             raise ConfigError("win_rate_prompts needs reward_fn, the rule that scores the answers")
         if self.win_rate_prompts and self.layout.pp != 1:
             raise ConfigError(
                 "win_rate_prompts generates with the rollout engine on the policy's own weights, "
                 f"which needs layout.pp = 1 (got {self.layout.pp}); evaluate the checkpoint at pp=1"
+            )
+        if self.win_rate_prompts and ref_layout[1] != 1:
+            raise ConfigError(
+                f"win_rate_prompts generates with the reference too, which needs reference_layout.pp = 1 "
+                f"(got {ref_layout[1]})"
             )

@@ -13,7 +13,7 @@ keeps tensors. Length policy (`truncation`), for a sample longer than `max_lengt
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -91,6 +91,13 @@ class _TokenizedDataset:
 
     def __getitem__(self, i: int) -> dict:
         return self._items[i]
+
+    def attach(self, key: str, values: Sequence) -> None:
+        """Store `values[i]` in item i under `key` (e.g. DPO's precomputed reference log-probs)."""
+        if len(values) != len(self._items):
+            raise ValueError(f"{len(values)} values for {len(self._items)} items of {self.source}")
+        for item, value in zip(self._items, values):
+            item[key] = value
 
 
 def _progress(records: list, enabled: bool, desc: str) -> Iterable:

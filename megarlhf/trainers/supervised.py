@@ -30,6 +30,7 @@ from megarlhf.data import ChatTemplate, ShardedSampler, load_tokenizer
 from megarlhf.engine.engine import TrainEngine
 from megarlhf.models.backbone import build_model
 from megarlhf.parallel import Layout, build_parallel_context, init_distributed, seed_all
+from megarlhf.parallel.layout import RoleGroups
 from megarlhf.trainers.preempt import StopRequest
 from megarlhf.trainers.run import RunDir
 
@@ -45,7 +46,7 @@ class SupervisedTrainer:
         self.stop = StopRequest()  # first: a SIGUSR1/SIGTERM during set-up is kept too
         self.cfg = cfg
         init_distributed()
-        self.ctx = build_parallel_context({self.role: Layout(cfg.layout.tp, cfg.layout.pp)})
+        self.ctx = build_parallel_context(self.layouts())
         self.groups = self.ctx[self.role]
         seed_all(cfg.train.seed, self.groups)
         self.dp, self.dp_rank = self.groups.layout.dp, self.groups.dp_rank
@@ -81,6 +82,10 @@ class SupervisedTrainer:
             self.run.say(f"resumed from {resume_from} at step {self.step}")
 
     # --- what subclasses define -------------------------------------------------------
+    def layouts(self) -> dict[str, Layout]:
+        """Every model's layout ({role: Layout}); the trained one's is `layout`."""
+        return {self.role: Layout(self.cfg.layout.tp, self.cfg.layout.pp)}
+
     def load_dataset(self, path: str, progress: bool):
         raise NotImplementedError
 
@@ -92,10 +97,11 @@ class SupervisedTrainer:
         """Tokens one row of this item needs."""
         raise NotImplementedError
 
-    def step_length(self, items: list[dict]) -> int:
+    def step_length(self, items: list[dict], groups: RoleGroups | None = None) -> int:
         """Pad `items` to their longest sample, not to data.max_length; rounded up to
-        `RoleGroups.length_multiple` (8 on GPU, x tp under sequence parallelism, else 1)."""
-        multiple = self.groups.length_multiple(self.cfg.model.sequence_parallel)
+        `RoleGroups.length_multiple` of `groups` (default: the trained model's; 8 on GPU,
+        x tp under sequence parallelism, else 1)."""
+        multiple = (groups or self.groups).length_multiple(self.cfg.model.sequence_parallel)
         longest = max(self.sample_length(it) for it in items)
         return min(self.cfg.data.max_length, -(-longest // multiple) * multiple) if longest else multiple
 

@@ -16,12 +16,14 @@ DPO = "examples/dpo_tiny.yaml"
 def test_dpo_ranks_heldout_pairs_and_wins_under_the_rule(task_data, weak_sft, tmp_path):
     """examples/dpo_tiny.yaml (DPO + RPO's NLL term), 60 steps: the implicit reward ranks
     held-out pairs, and the policy's sampled answers beat the SFT policy's under the task's
-    rule (same seed per prompt for both)."""
+    rule (same seed per prompt for both). The reference's log-probs and answers are
+    computed before training (precompute_ref_log_probs; the step-by-step reference gives
+    the same losses, test below)."""
     run_dir = tmp_path / "dpo"
     out = megarlhf(
         "dpo", "--config", DPO, *data_overrides(task_data, "prefs_train", "prefs_test"),
         f"win_rate_prompts={task_data['prompts_test']}", f"init_from={weak_sft}", f"train.run_dir={run_dir}",
-        "train.max_steps=60", "train.eval_steps=60",
+        "train.max_steps=60", "train.eval_steps=60", "precompute_ref_log_probs=true",
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-4000:]
     rows = metrics(run_dir)
@@ -45,10 +47,15 @@ def test_dpo_bad_configs_exit_2(task_data, weak_sft, tmp_path):
     assert out.returncode == 2 and "init_from is required" in out.stderr
     out = megarlhf(*common, f"init_from={weak_sft}", "reward_fn=")
     assert out.returncode == 2 and "win_rate_prompts needs reward_fn" in out.stderr
+    out = megarlhf(*common, f"init_from={weak_sft}", "reference_layout.tp=2")
+    assert out.returncode == 2 and "differs from the policy's layout: set precompute_ref_log_probs=true" in out.stderr
 
 
 def test_dpo_steps_match_single_rank_at_tp2_pp2_dp2(task_data, weak_sft, tmp_path):
-    """5 DPO steps (policy and its reference both sharded) give the single-rank losses."""
+    """5 DPO steps (policy and its reference both sharded) give the single-rank losses;
+    so do reference log-probs precomputed at the reference's own layout (TP2 under a DP2
+    policy, PP1 under a PP2 policy), and a precomputing run stopped after 3 steps and
+    resumed, which reads them back from the run directory."""
     common = [
         "dpo", "--config", DPO, *data_overrides(task_data, "prefs_train"), "data.eval_file=", "win_rate_prompts=",
         f"init_from={weak_sft}", "train.max_steps=5", "optim.adam_epsilon=1e-4",
@@ -57,8 +64,23 @@ def test_dpo_steps_match_single_rank_at_tp2_pp2_dp2(task_data, weak_sft, tmp_pat
     assert out.returncode == 0, out.stderr[-4000:]
     reference = [r["loss"] for r in metrics(tmp_path / "single")]
     assert reference[-1] < reference[0] - 0.01  # it trains: the comparison means something
-    for name, layout in (("tp2", ["layout.tp=2"]), ("pp2", ["layout.pp=2"]), ("dp2", [])):
+    precompute = "precompute_ref_log_probs=true"
+    for name, layout in (
+        ("tp2", ["layout.tp=2"]),
+        ("pp2", ["layout.pp=2"]),
+        ("dp2", []),
+        ("dp2_precomputed_reference_tp2", [precompute, "reference_layout.tp=2"]),
+        ("pp2_precomputed_reference_pp1", [precompute, "layout.pp=2", "reference_layout.pp=1"]),
+    ):
         out = megarlhf(*common, f"train.run_dir={tmp_path / name}", *layout, nproc=2)
         assert out.returncode == 0, out.stderr[-4000:]
         losses = [r["loss"] for r in metrics(tmp_path / name)]
         assert losses == pytest.approx(reference, abs=1e-5), name
+
+    run_dir = tmp_path / "precomputed_resumed"
+    out = megarlhf(*common, f"train.run_dir={run_dir}", precompute, "train.max_steps=3")
+    assert out.returncode == 0 and "reference log-probs of" in out.stdout, out.stderr[-4000:]
+    out = megarlhf(*common, f"train.run_dir={run_dir}", precompute, "--resume", "auto")
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert "reference log-probs: read back from" in out.stdout
+    assert [r["loss"] for r in metrics(run_dir)] == pytest.approx(reference, abs=1e-5)
