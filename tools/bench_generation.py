@@ -85,8 +85,7 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         hf.save_pretrained(tmp)
         cfg = model_config_from_hf(read_hf_config(tmp)).config
-        # The local spec's SDPA attention on GPU too: what --cuda-graphs needs.
-        cfg = dataclasses.replace(cfg, params_dtype=dtype, transformer_impl="local")
+        cfg = dataclasses.replace(cfg, params_dtype=dtype)
         model = build_model(cfg, groups, "lm")
         load_hf_weights(model, groups, tmp)
     model.eval()

@@ -43,8 +43,8 @@ class GenerationConfig:
     cuda_graphs: bool = False
     """Replay each decode step from a CUDA graph (captured once per rollout batch): one
     launch per generated token instead of hundreds from Python, the GPU's cure for small
-    per-token kernels. Needs megarlhf's SDPA attention (model.transformer_impl=local,
-    model.attention_backend=sdpa). On CPU the same fixed-shape decode step runs eagerly."""
+    per-token kernels (attention in decode steps: torch SDPA, whatever the model trains
+    with). On CPU the same fixed-shape decode step runs eagerly."""
 
     def __post_init__(self):
         if self.old_logprobs not in ("engine", "recompute"):

@@ -15,6 +15,12 @@ caller's mask (columns after `position` hidden). Megatron-Core's own static-batc
 need flash-decode (flash-attn); this works with any core attention that honours a mask
 (megarlhf's SDPA attention). Used by the rollout engine under `generation.cuda_graphs`.
 
+`sdpa_twins`: the rollout engine needs a core attention that applies an arbitrary mask
+(left-padded prompts, fixed-shape decode steps). Transformer Engine's attention, and
+Megatron's unfused one, take a mask *type*. Core attention holds no weights, so for
+generation each layer's can be swapped for an `SDPAttention` built from the same
+attention module's settings, and swapped back afterwards.
+
 `SDPAttention`: Megatron-Core's local `DotProductAttention` materialises the [b, np, sq, sk]
 score matrix (baddbmm + softmax + bmm). Transformer Engine replaces it on GPU; without TE
 this module does the same job with `torch.nn.functional.scaled_dot_product_attention`,
@@ -140,3 +146,27 @@ class SDPAttention(DotProductAttention):
             )  # fmt: skip
         # [b, np, sq, hn] -> [sq, b, np*hn]
         return context.permute(2, 0, 1, 3).reshape(sq, b, heads * hn)
+
+
+def sdpa_twins(model: torch.nn.Module) -> list[tuple[torch.nn.Module, SDPAttention]] | None:
+    """(self-attention module, SDPAttention twin of its core attention) for every layer
+    whose core attention is not already an `SDPAttention`; [] when all are; None when some
+    self-attention is not a `KeyRopeCachedSelfAttention` (megarlhf's layer spec), whose
+    core attention cannot be swapped safely."""
+    attentions = [m for m in model.modules() if isinstance(m, SelfAttention)]
+    if not all(isinstance(m, KeyRopeCachedSelfAttention) for m in attentions):
+        return None
+    twins = []
+    for attn in attentions:
+        core = attn.core_attention
+        if isinstance(core, SDPAttention):
+            continue
+        if any(True for _ in core.parameters()):
+            return None  # a core attention with weights (e.g. a learned softmax offset)
+        twin = SDPAttention(
+            config=getattr(core, "config", attn.config), layer_number=attn.layer_number,
+            attn_mask_type=attn.attn_mask_type, attention_type=attn.attention_type,
+            softmax_scale=attn.config.softmax_scale, pg_collection=attn.pg_collection,
+        )  # fmt: skip
+        twins.append((attn, twin.eval()))
+    return twins

@@ -4,18 +4,20 @@ Layer: rollout/. The engine runs on the actor's own parameters (no copy, no trip
 disk) when the actor's layout is TP-only; a PP actor generates through a TP-only copy
 that weight refit keeps in sync. KV cache: Megatron-Core's `StaticInferenceContext`.
 
-Prompts of different lengths share one batch. When the model's core attention honours an
-arbitrary mask (megarlhf's SDPA attention), prompts are right-aligned behind left
-padding: ONE prefill covers every prompt, and every row samples from the first decode
+Prompts of different lengths share one batch: they are right-aligned behind left
+padding, ONE prefill covers every prompt, and every row samples from the first decode
 step on, with an attention mask that hides the padding keys. Under RoPE a row's shift is
 invisible (scores depend on relative positions only); learned absolute positions get
-per-row position ids. Otherwise (Transformer Engine's attention takes a mask *type*, and
-Megatron's static decode says "no mask") it does what Megatron's static engine does:
-prefill up to the shortest prompt, then step one position at a time for everyone, a
-sample still inside its prompt being fed its own prompt token (forced). Either way the
-returned rows are prompt, response, then padding.
+per-row position ids. That needs a core attention that applies a mask: megarlhf's SDPA
+attention. Models built with another one (Transformer Engine's, Megatron's unfused; they
+take a mask *type*) generate through SDPA twins of it, swapped in for the call (core
+attention has no weights; `models.attention.sdpa_twins`). Only a model whose attention
+cannot be swapped falls back to what Megatron's static engine does: prefill up to the
+shortest prompt, then step one position at a time for everyone, a sample still inside
+its prompt being fed its own prompt token (forced). Either way the returned rows are
+prompt, response, then padding.
 
-With `cuda_graphs=True` (left-padded batches only) every decode step has one shape
+With `cuda_graphs=True` every decode step has one shape
 (`FixedShapeDecodeContext`: the cache column comes from a device tensor, attention spans
 the whole cache under a mask), so on a GPU the step is captured once per `generate` call in
 a CUDA graph and replayed: one launch per token instead of a few hundred kernel launches
@@ -29,13 +31,14 @@ importance ratio is 1. Top-k/top-p only decide which token is drawn.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from megatron.core.inference.contexts import StaticInferenceContext
 
-from megarlhf.models.attention import FixedShapeDecodeContext, SDPAttention
+from megarlhf.models.attention import FixedShapeDecodeContext, sdpa_twins
 from megarlhf.parallel import cpu_compat
 from megarlhf.parallel.layout import RoleGroups
 from megarlhf.rollout.sampling import SamplingParams, row_uniforms, sample_tokens
@@ -98,13 +101,13 @@ class GenerationEngine:
         self.pad_id = pad_id
         # Left padding needs a core attention that applies the mask it is given in prefill
         # and decode alike; see the module docstring.
-        self.left_pad = any(isinstance(m, SDPAttention) for m in model.modules())
+        self._twins = sdpa_twins(model)
+        self.left_pad = self._twins is not None
         if cuda_graphs and not self.left_pad:
             raise ValueError(
-                "generation.cuda_graphs needs a core attention that takes a mask in decode steps, "
-                "megarlhf's SDPA attention: set model.transformer_impl=local and "
-                "model.attention_backend=sdpa (Transformer Engine's and the unfused attention take "
-                "a mask type only), or generation.cuda_graphs=false"
+                "generation.cuda_graphs needs megarlhf's layer spec (its self-attention takes an "
+                "SDPA core attention for generation); this model has another attention module: "
+                "set generation.cuda_graphs=false"
             )
         self.cuda_graphs = cuda_graphs
         self.graphs_captured = 0  # decode-step CUDA graphs captured so far (one per generate call)
@@ -118,8 +121,21 @@ class GenerationEngine:
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams, seeds: list[int]) -> Rollouts:
         """Generate one response per prompt; sample i draws from torch.Generator(seeds[i])'s stream."""
-        with cpu_compat.fast_path():
+        with cpu_compat.fast_path(), self._mask_taking_attention():
             return self._generate(prompts, params, seeds)
+
+    @contextmanager
+    def _mask_taking_attention(self):
+        """SDPA twins in place of core attentions that take no mask, for one call."""
+        swap = self._twins if self.left_pad else []
+        originals = [attn.core_attention for attn, _ in swap]
+        for attn, twin in swap:
+            attn.core_attention = twin
+        try:
+            yield
+        finally:
+            for (attn, _), original in zip(swap, originals):
+                attn.core_attention = original
 
     def _generate(self, prompts: list[list[int]], params: SamplingParams, seeds: list[int]) -> Rollouts:
         if len(prompts) != len(seeds):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from megatron.core.transformer.dot_product_attention import DotProductAttention
 
 from megarlhf.models.backbone import build_model
 from megarlhf.models.logprobs import logprobs_and_entropy
@@ -17,8 +18,8 @@ VOCAB, EOS, PAD = 250, 1, 0
 PROMPTS = [[5, 17, 33], [8, 9, 10, 11, 12, 13, 14], [40, 41, 42, 43, 44], [7, 100, 200, 3, 4, 5, 6, 90, 91]]
 
 
-def _model(tp, arch="llama"):
-    cfg = tiny_config(arch)
+def _model(tp, arch="llama", **overrides):
+    cfg = tiny_config(arch, **overrides)
     ref = groups(1, 1)
     reseed(7, ref)
     full = {n: p.detach().clone() for n, p in build_model(cfg, ref).named_parameters()}
@@ -32,7 +33,7 @@ def _model(tp, arch="llama"):
 
 def _full_logits(model, g, tokens):
     """Unsharded logits [B, T, V] of a plain forward (no KV cache)."""
-    out = model(tokens, torch.arange(tokens.shape[1]).expand_as(tokens), None)
+    out = model(tokens, torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens), None)
     if g.layout.tp > 1:
         shards = [torch.empty_like(out) for _ in range(g.layout.tp)]
         torch.distributed.all_gather(shards, out.contiguous(), group=g.tp)
@@ -40,10 +41,12 @@ def _full_logits(model, g, tokens):
     return out[..., :VOCAB]
 
 
-def greedy_case(tp, arch, mode, max_new=12):
-    model, g = _model(tp, arch)
-    engine = GenerationEngine(model, g, vocab_size=VOCAB, eos_id=EOS, pad_id=PAD, cuda_graphs=mode == "fixed_shape")
-    assert engine.left_pad  # SDPA attention: one prefill behind left padding by default
+def greedy_case(tp, arch, mode, max_new=12, model=None, engine=None):
+    model, g = model or _model(tp, arch)
+    engine = engine or GenerationEngine(
+        model, g, vocab_size=VOCAB, eos_id=EOS, pad_id=PAD, cuda_graphs=mode == "fixed_shape"
+    )
+    assert engine.left_pad  # one prefill behind left padding by default
     engine.left_pad = mode != "forced_prompt_steps"  # else prefill to the shortest prompt, then forced steps
     out = engine.generate(PROMPTS, SamplingParams(max_new_tokens=max_new, temperature=0), seeds=[0] * 4)
     # Oracle: each prompt alone, full recomputation of the whole prefix at every step.
@@ -52,7 +55,8 @@ def greedy_case(tp, arch, mode, max_new=12):
         for p in PROMPTS:
             seq, lps = list(p), []
             for _ in range(max_new):
-                logp = torch.log_softmax(_full_logits(model, g, torch.tensor([seq]))[0, -1].float(), -1)
+                tokens = torch.tensor([seq], device=next(model.parameters()).device)
+                logp = torch.log_softmax(_full_logits(model, g, tokens)[0, -1].float(), -1)
                 tok = int(logp.argmax())
                 seq.append(tok)
                 lps.append(float(logp[tok]))
@@ -78,20 +82,39 @@ def test_greedy_kv_cache_equals_full_recompute(world2, tp, arch, mode):
             torch.testing.assert_close(torch.tensor(got), torch.tensor(ref), atol=1e-5, rtol=0)
 
 
-def unfused_graphs_case():
-    g = groups(1, 1)
-    reseed(7, g)
-    model = build_model(tiny_config(attention_backend="unfused", transformer_impl="local"), g)
-    try:
-        GenerationEngine(model, g, vocab_size=VOCAB, eos_id=EOS, pad_id=PAD, cuda_graphs=True)
-    except ValueError as e:
-        return str(e)
-    return None
+class TypeOnlyMaskAttention(DotProductAttention):
+    """Megatron's unfused core attention made to honour the mask *type* only, as Transformer
+    Engine's does: the mask it is given is dropped (causal type: its own causal mask)."""
+
+    def forward(self, query, key, value, attention_mask, *args, **kwargs):
+        return super().forward(query, key, value, None, *args, **kwargs)
 
 
-def test_cuda_graphs_need_an_attention_that_takes_a_mask(world2):
-    for msg in world2.run(unfused_graphs_case):
-        assert msg is not None and "model.attention_backend=sdpa" in msg
+def type_only_mask_case(tp, arch):
+    """A model whose core attention ignores masks generates through SDPA twins: checked
+    against full recomputation by the model's own attention, in fixed-shape decode steps;
+    the originals are back afterwards."""
+    model, g = _model(tp, arch, attention_backend="unfused")
+    for attn in [m for m in model.modules() if hasattr(m, "core_attention")]:
+        attn.core_attention = TypeOnlyMaskAttention(
+            config=attn.config, layer_number=attn.layer_number, attn_mask_type=attn.attn_mask_type,
+            attention_type=attn.attention_type, pg_collection=attn.pg_collection,
+        )  # fmt: skip
+    originals = [m.core_attention for m in model.modules() if hasattr(m, "core_attention")]
+    engine = GenerationEngine(model, g, vocab_size=VOCAB, eos_id=EOS, pad_id=PAD, cuda_graphs=True)
+    res = greedy_case(tp, arch, "fixed_shape", model=(model, g), engine=engine)
+    res["restored"] = [m.core_attention for m in model.modules() if hasattr(m, "core_attention")] == originals
+    return res
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("arch", ["llama", "gpt"])
+def test_attention_without_masks_generates_through_sdpa_twins(world2, tp, arch):
+    for res in world2.run(type_only_mask_case, tp, arch):
+        assert res["restored"]
+        assert res["tokens"] == res["ref_tokens"]
+        for got, ref in zip(res["logprobs"], res["ref_logprobs"]):
+            torch.testing.assert_close(torch.tensor(got), torch.tensor(ref), atol=1e-5, rtol=0)
 
 
 def sampled_case(tp, temperature=0.8):
