@@ -113,6 +113,11 @@ class RunConfig:
     """Optimizer steps to train."""
     micro_batch_size: int = 8
     """Sequences per forward/backward on one data-parallel rank."""
+    forward_micro_batch_size: int = 0
+    """Sequences per forward-only pass on one data-parallel rank: scoring by the reference,
+    reward model and critic, log-prob recomputes, DPO's precomputed reference, evaluation
+    (0 = micro_batch_size). Such passes keep no activations for a backward, so they can
+    take several times more rows (verl's log_prob_micro_batch_size)."""
     global_batch_size: int = 32
     """Sequences per optimizer step over all data-parallel ranks (a multiple of
     micro_batch_size * dp; the rest is gradient accumulation). PPO and GRPO: prompts per
@@ -131,10 +136,19 @@ class RunConfig:
             raise ConfigError(f"train.max_steps = {self.max_steps}: must be >= 1")
         if self.micro_batch_size < 1 or self.global_batch_size < 1:
             raise ConfigError("train.micro_batch_size and train.global_batch_size must be >= 1")
+        if self.forward_micro_batch_size < 0:
+            raise ConfigError(
+                f"train.forward_micro_batch_size = {self.forward_micro_batch_size}: must be >= 0 (0 = micro_batch_size)"
+            )
         # global_batch_size vs micro_batch_size * dp is checked where dp is known (and for
         # GRPO global_batch_size counts prompts, each with num_generations sequences).
         if self.save_total_limit < 1:
             raise ConfigError("train.save_total_limit must be >= 1")
+
+    @property
+    def forward_micro_batch(self) -> int:
+        """Rows per forward-only microbatch (forward_micro_batch_size, 0 = micro_batch_size)."""
+        return self.forward_micro_batch_size or self.micro_batch_size
 
     def num_microbatches(self, dp: int) -> int:
         """Gradient-accumulation steps per optimizer step on each DP rank."""

@@ -38,7 +38,7 @@ from megarlhf.checkpoint.dist_ckpt import (
 from megarlhf.config import ConfigError, ModelConfig, RolloutConfig
 from megarlhf.data import ChatTemplate, PromptDataset, ShardedSampler, load_tokenizer
 from megarlhf.engine.engine import TrainEngine
-from megarlhf.engine.schedule import run_microbatches
+from megarlhf.engine.schedule import even_microbatch_size, run_microbatches
 from megarlhf.models.backbone import build_model
 from megarlhf.models.logprobs import logprobs_and_entropy
 from megarlhf.parallel import Layout, RoleGroups, build_parallel_context, init_distributed, seed_all
@@ -336,7 +336,7 @@ class RolloutTrainer:
         microbatch's own length), gathered over the world in the batch's row order."""
         n, t = batch["tokens"].shape
         rows = shard_rows(n, groups)
-        mbs = self._microbatches(batch, list(rows), {}, groups)
+        mbs = self._microbatches(batch, list(rows), {}, groups, forward_only=True)
         model.eval()
         zero = torch.zeros((), device=self.device)
         outs = run_microbatches(model, groups, mbs, lambda out, mb: (zero, {"rows": per_token(out, mb)}), forward_only=True)
@@ -410,10 +410,19 @@ class RolloutTrainer:
     def _length_multiple(self, groups: RoleGroups) -> int:
         return groups.length_multiple(self.cfg.model.sequence_parallel)
 
-    def _microbatches(self, batch, rows: list[int], extra, groups: RoleGroups, min_length: int = 0):
-        """This DP rank's `rows` at `groups`' layout -> microbatches (ppo_batches.cut_microbatches)."""
+    def _microbatches(
+        self, batch, rows: list[int], extra, groups: RoleGroups, min_length: int = 0, forward_only: bool = False
+    ):
+        """This DP rank's `rows` at `groups`' layout -> microbatches (ppo_batches.cut_microbatches)
+        of micro_batch_size rows, or train.forward_micro_batch rows for forward-only passes
+        (under PP: the largest size up to that which splits the rows evenly)."""
+        size = self.cfg.train.micro_batch_size
+        if forward_only:
+            size = self.cfg.train.forward_micro_batch
+            if groups.layout.pp > 1:
+                size = even_microbatch_size(len(rows), size)
         return cut_microbatches(
-            batch, rows, extra, micro_batch_size=self.cfg.train.micro_batch_size, pipelined=groups.layout.pp > 1,
+            batch, rows, extra, micro_batch_size=size, pipelined=groups.layout.pp > 1,
             multiple=self._length_multiple(groups), pad_id=self.tokenizer.pad_id, device=self.device,
             min_length=min_length,
         )  # fmt: skip

@@ -214,7 +214,7 @@ class SupervisedTrainer:
         """Forward-only pass over the whole eval set; metrics prefixed 'eval_'."""
         if self.eval_data is None:
             return {}
-        mbs, total = self.cfg.train.micro_batch_size, len(self.eval_data)
+        mbs, total = self.cfg.train.forward_micro_batch, len(self.eval_data)
         sums: dict[str, float] = {}
         chunk = mbs * self.dp
         for start in range(0, total, chunk):

@@ -53,8 +53,8 @@ def test_dpo_bad_configs_exit_2(task_data, weak_sft, tmp_path):
 
 def test_dpo_steps_match_single_rank_at_tp2_pp2_dp2(task_data, weak_sft, tmp_path):
     """5 DPO steps (policy and its reference both sharded) give the single-rank losses;
-    so do reference log-probs precomputed at the reference's own layout (TP2 under a DP2
-    policy, PP1 under a PP2 policy), and a precomputing run stopped after 3 steps and
+    so do reference log-probs precomputed at the reference's own layout (TP2 or PP2 under a
+    DP2 policy, PP1 under a PP2 policy), and a precomputing run stopped after 3 steps and
     resumed, which reads them back from the run directory."""
     common = [
         "dpo", "--config", DPO, *data_overrides(task_data, "prefs_train"), "data.eval_file=", "win_rate_prompts=",
@@ -71,6 +71,8 @@ def test_dpo_steps_match_single_rank_at_tp2_pp2_dp2(task_data, weak_sft, tmp_pat
         ("dp2", []),
         ("dp2_precomputed_reference_tp2", [precompute, "reference_layout.tp=2"]),
         ("pp2_precomputed_reference_pp1", [precompute, "layout.pp=2", "reference_layout.pp=1"]),
+        # forward-only microbatches of up to 64 pairs: at PP2 the largest even split (60) is used
+        ("dp2_precomputed_reference_pp2", [precompute, "reference_layout.pp=2", "train.forward_micro_batch_size=64"]),
     ):
         out = megarlhf(*common, f"train.run_dir={tmp_path / name}", *layout, nproc=2)
         assert out.returncode == 0, out.stderr[-4000:]

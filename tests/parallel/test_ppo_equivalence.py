@@ -196,8 +196,13 @@ def sampling_logprobs_case(root: str, run_dir: str, overrides: list[str]):
 
 @pytest.mark.parametrize(
     "overrides",
-    [[], ["layout.pp=2"], ["layout.tp=2"], ["layout.tp=2", "generation.cuda_graphs=true"]],
-    ids=["dp2", "pp2_engine_copy", "tp2", "tp2_fixed_shape_decode"],
+    [
+        ["train.forward_micro_batch_size=8"],
+        ["layout.pp=2", "train.forward_micro_batch_size=3"],  # PP: 3 does not split the rows; 2 is used
+        ["layout.tp=2"],
+        ["layout.tp=2", "generation.cuda_graphs=true"],
+    ],
+    ids=["dp2_forward_mb8", "pp2_engine_copy_forward_mb3", "tp2", "tp2_fixed_shape_decode"],
 )
 def test_engine_logprobs_are_the_old_logprobs(world2, assets, tmp_path, overrides):
     root, _ = assets

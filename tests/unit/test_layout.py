@@ -88,3 +88,13 @@ def test_parallel_state_ranks_are_scoped_and_restored():
     with pytest.raises(RuntimeError, match="boom"), parallel_state_ranks(role):
         raise RuntimeError("boom")
     assert overrides() == before
+
+
+def test_even_microbatch_size_is_the_largest_even_split():
+    from megarlhf.engine.schedule import even_microbatch_size
+
+    for rows in range(1, 40):
+        for at_most in range(1, 20):
+            got = even_microbatch_size(rows, at_most)
+            naive = max(d for d in range(1, rows + 1) if rows % d == 0 and d <= at_most)
+            assert got == naive, (rows, at_most)
