@@ -44,7 +44,7 @@ Settings mapped onto TRL 1.12's PPOConfig (one process, so batch_size = local_ba
   response_length, temperature = generation.*; stop_token = "eos"
   local_rollout_forward_batch_size = global_batch_size: TRL then generates all prompts in
       one batch as megarlhf's engine does (its scoring forwards then take 64 rows at a
-      time, megarlhf's micro_batch_size rows)
+      time, megarlhf's train.forward_micro_batch_size rows: 64 in the example too)
   total_episodes = iterations x global_batch_size; learning_rate = optim.learning_rate,
   constant; weight_decay = optim.weight_decay; gradient_checkpointing, bf16 off.
 megarlhf is given ppo.adap_kl_ctrl=false (TRL 1.12 has a fixed kl_coef only) and, by
