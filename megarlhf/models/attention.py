@@ -161,7 +161,7 @@ def sdpa_twins(model: torch.nn.Module) -> list[tuple[torch.nn.Module, SDPAttenti
         core = attn.core_attention
         if isinstance(core, SDPAttention):
             continue
-        if any(True for _ in core.parameters()):
+        if next(core.parameters(), None) is not None:
             return None  # a core attention with weights (e.g. a learned softmax offset)
         twin = SDPAttention(
             config=getattr(core, "config", attn.config), layer_number=attn.layer_number,
