@@ -101,6 +101,12 @@ class DataConfig:
             raise ConfigError(f"data.max_length = {self.max_length}: must be >= 2")
 
 
+def even_microbatch_size(rows: int, at_most: int) -> int:
+    """The largest microbatch size <= at_most that splits `rows` into equal microbatches:
+    what pipeline parallelism needs (stages exchange one activation shape)."""
+    return max(d for d in range(1, max(1, min(at_most, rows)) + 1) if rows % d == 0)
+
+
 @dataclass
 class RunConfig:
     """Schedule and bookkeeping of a training run."""
@@ -145,10 +151,12 @@ class RunConfig:
         if self.save_total_limit < 1:
             raise ConfigError("train.save_total_limit must be >= 1")
 
-    @property
-    def forward_micro_batch(self) -> int:
-        """Rows per forward-only microbatch (forward_micro_batch_size, 0 = micro_batch_size)."""
-        return self.forward_micro_batch_size or self.micro_batch_size
+    def forward_micro_batch(self, rows: int, pipelined: bool) -> int:
+        """Rows per forward-only microbatch when one rank scores `rows` rows:
+        forward_micro_batch_size (0 = micro_batch_size); under pipeline parallelism the
+        largest size up to it that splits the rows evenly."""
+        size = self.forward_micro_batch_size or self.micro_batch_size
+        return even_microbatch_size(rows, size) if pipelined else size
 
     def num_microbatches(self, dp: int) -> int:
         """Gradient-accumulation steps per optimizer step on each DP rank."""

@@ -39,12 +39,6 @@ LossFn = Callable[[torch.Tensor, Batch], tuple[torch.Tensor, dict[str, Any]]]
 _ONE = torch.tensor(1, dtype=torch.int)
 
 
-def even_microbatch_size(rows: int, at_most: int) -> int:
-    """The largest microbatch size <= at_most that splits `rows` into equal microbatches:
-    what pipeline parallelism needs (stages exchange one activation shape)."""
-    return max(d for d in range(1, max(1, min(at_most, rows)) + 1) if rows % d == 0)
-
-
 def wrap_ddp(model: torch.nn.Module, groups: RoleGroups, *, use_distributed_optimizer: bool = False):
     """Megatron DDP around a trainable model: contiguous fp32 grad buffers, DP reduction."""
     config = get_model_config(model)

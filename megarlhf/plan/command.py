@@ -39,6 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--global-batch", type=int, default=128, help="sequences per optimizer step (default 128)")
     g.add_argument("--ppo-epochs", type=int, default=1)
     g.add_argument("--micro-batch", type=int, default=1)
+    g.add_argument("--forward-micro-batch", type=int, default=0,
+                   help="sequences per forward-only scoring pass (train.forward_micro_batch_size; default: --micro-batch)")
     g.add_argument("--prompt-length", type=float, default=256, help="mean prompt tokens (default 256)")
     g.add_argument("--max-prompt-length", type=int, default=1024, help="longest prompt (default 1024)")
     g.add_argument("--min-prompt-length", type=int, default=32, help="shortest prompt in a batch (default 32)")
@@ -66,7 +68,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _workload(args) -> Workload:
     return Workload(
         rollout_batch=args.rollout_batch, global_batch=args.global_batch, ppo_epochs=args.ppo_epochs,
-        micro_batch=args.micro_batch, prompt_length=args.prompt_length, max_prompt_length=args.max_prompt_length,
+        micro_batch=args.micro_batch, forward_micro_batch=args.forward_micro_batch, prompt_length=args.prompt_length, max_prompt_length=args.max_prompt_length,
         min_prompt_length=args.min_prompt_length, response_length=args.response_length,
         mean_response_length=args.mean_response_length, critic=not args.no_critic,
     )  # fmt: skip

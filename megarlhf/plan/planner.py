@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, replace
 
 from megarlhf.config import ModelConfig
 from megarlhf.config.errors import ConfigError
+from megarlhf.config.train import even_microbatch_size
 from megarlhf.plan import memory as mem
 from megarlhf.plan.hardware import GPU
 from megarlhf.plan.shapes import stage_parameters
@@ -102,6 +103,8 @@ class Workload:
     ppo_epochs: int = 1
     micro_batch: int = 1
     """Sequences per forward/backward (train.micro_batch_size)."""
+    forward_micro_batch: int = 0
+    """Sequences per forward-only scoring pass (train.forward_micro_batch_size; 0 = micro_batch)."""
     prompt_length: float = 256
     """Mean prompt tokens."""
     max_prompt_length: int = 1024
@@ -254,10 +257,15 @@ def role_cost(cfg: ModelConfig, layout: RoleLayout, head: str, trainable: bool, 
     # Scoring: one forward pass over the rollout batch.
     seq = _row_length(work, layout.pp, work.rollout_batch)
     tokens = work.rollout_batch * seq
+    rows = work.rollout_batch // dp
+    forward_mb = work.forward_micro_batch or work.micro_batch
+    if layout.pp > 1:  # as the trainers do: equal microbatches under PP
+        forward_mb = even_microbatch_size(rows, forward_mb)
+    forward_mb = min(forward_mb, rows)
     score = pass_seconds(cfg, gpu, eff, tokens=tokens, seq=seq, gpus=world, backward=False, pp=layout.pp,
-                         microbatches=work.rollout_batch // (dp * work.micro_batch), head=head)  # fmt: skip
+                         microbatches=math.ceil(rows / forward_mb), head=head)  # fmt: skip
     score += _tp_comm_seconds(cfg, cluster, eff, layout, tokens / dp, 2)
-    act = score_act = mem.scoring_activations(cfg, layout.tp, micro_batch=work.micro_batch, seq=math.ceil(seq), head=head)
+    act = score_act = mem.scoring_activations(cfg, layout.tp, micro_batch=forward_mb, seq=math.ceil(seq), head=head)
     train = 0.0
     if trainable:
         seq = _row_length(work, layout.pp, work.global_batch)

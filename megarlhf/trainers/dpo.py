@@ -28,7 +28,7 @@ import torch.distributed as dist
 from megarlhf.algorithms import dpo_loss, rpo_term, sequence_logps
 from megarlhf.checkpoint.dist_ckpt import load_model_weights, resolve_checkpoint
 from megarlhf.data import PromptDataset, collate_preference
-from megarlhf.engine.schedule import even_microbatch_size, run_microbatches
+from megarlhf.engine.schedule import run_microbatches
 from megarlhf.models.backbone import build_model
 from megarlhf.models.logprobs import logprobs_and_entropy
 from megarlhf.parallel import Layout
@@ -176,10 +176,9 @@ class DPOTrainer(SupervisedTrainer):
         """[N, 2] (chosen, rejected) log-probs of every pair under the reference at its own
         layout: each DP replica scores its share, longest pairs first, and the owners'
         rows are gathered on every rank."""
-        g, n, mbs = self.ref_groups, len(data), self.cfg.train.forward_micro_batch
+        g, n = self.ref_groups, len(data)
         rows = shard_rows(n + (-n % g.layout.dp), g)
-        if g.layout.pp > 1:  # one microbatch shape per pipeline schedule
-            mbs = even_microbatch_size(len(rows), mbs)
+        mbs = self.cfg.train.forward_micro_batch(len(rows), pipelined=g.layout.pp > 1)
         order = sorted(rows, key=lambda i: self.sample_length(data[min(i, n - 1)]), reverse=True)
         chunks = [order[k : k + mbs] for k in range(0, len(order), mbs)]
         per_call = 2 * g.layout.pp  # microbatches per pipeline schedule (keeps every stage busy)

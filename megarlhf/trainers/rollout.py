@@ -38,7 +38,7 @@ from megarlhf.checkpoint.dist_ckpt import (
 from megarlhf.config import ConfigError, ModelConfig, RolloutConfig
 from megarlhf.data import ChatTemplate, PromptDataset, ShardedSampler, load_tokenizer
 from megarlhf.engine.engine import TrainEngine
-from megarlhf.engine.schedule import even_microbatch_size, run_microbatches
+from megarlhf.engine.schedule import run_microbatches
 from megarlhf.models.backbone import build_model
 from megarlhf.models.logprobs import logprobs_and_entropy
 from megarlhf.parallel import Layout, RoleGroups, build_parallel_context, init_distributed, seed_all
@@ -418,9 +418,7 @@ class RolloutTrainer:
         (under PP: the largest size up to that which splits the rows evenly)."""
         size = self.cfg.train.micro_batch_size
         if forward_only:
-            size = self.cfg.train.forward_micro_batch
-            if groups.layout.pp > 1:
-                size = even_microbatch_size(len(rows), size)
+            size = self.cfg.train.forward_micro_batch(len(rows), pipelined=groups.layout.pp > 1)
         return cut_microbatches(
             batch, rows, extra, micro_batch_size=size, pipelined=groups.layout.pp > 1,
             multiple=self._length_multiple(groups), pad_id=self.tokenizer.pad_id, device=self.device,

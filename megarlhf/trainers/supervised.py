@@ -214,7 +214,8 @@ class SupervisedTrainer:
         """Forward-only pass over the whole eval set; metrics prefixed 'eval_'."""
         if self.eval_data is None:
             return {}
-        mbs, total = self.cfg.train.forward_micro_batch, len(self.eval_data)
+        total = len(self.eval_data)
+        mbs = self.cfg.train.forward_micro_batch(total, pipelined=False)  # one microbatch per schedule call
         sums: dict[str, float] = {}
         chunk = mbs * self.dp
         for start in range(0, total, chunk):

@@ -91,7 +91,7 @@ def test_parallel_state_ranks_are_scoped_and_restored():
 
 
 def test_even_microbatch_size_is_the_largest_even_split():
-    from megarlhf.engine.schedule import even_microbatch_size
+    from megarlhf.config.train import even_microbatch_size
 
     for rows in range(1, 40):
         for at_most in range(1, 20):

@@ -226,3 +226,22 @@ def test_generation_is_the_device_decode_model_alone():
                                    mean_response=work.mean_response, max_response=work.response_length,
                                    extra_steps=work.max_prompt_length - work.min_prompt_length)  # fmt: skip
     assert p.phases["generate"] == pytest.approx(expected)
+
+
+def test_forward_micro_batch_sizes_the_scoring_pass():
+    """Scoring with forward_micro_batch rows: its transient memory scales with them (PP1),
+    and under PP the planner uses the even split the trainers use (rows 64 / 2 dp = 32)."""
+    from megarlhf.plan.planner import role_cost
+
+    cfg = PRESETS["llama3-8b"]
+    cluster = Cluster(get_gpu("H100"), 1)
+    base = dict(rollout_batch=64, global_batch=32, response_length=512, max_prompt_length=512)
+
+    def score_memory(layout, **kw):
+        return role_cost(cfg, layout, "lm", False, cluster, Workload(**base, **kw), Efficiency(), "reference").score_activations
+
+    one = score_memory(RoleLayout(4))
+    assert score_memory(RoleLayout(4), forward_micro_batch=4) == pytest.approx(4 * one)
+    assert score_memory(RoleLayout(2, 2), forward_micro_batch=12) == pytest.approx(
+        score_memory(RoleLayout(2, 2), forward_micro_batch=8)  # 32 rows: 8 is the largest even split <= 12
+    )
