@@ -103,10 +103,9 @@ class DPOTrainer(SupervisedTrainer):
         if "ref_logps" in items[0]:  # precomputed: [chosen, rejected] per item
             pairs = torch.stack([it["ref_logps"] for it in items])
             mb["ref_logps"] = torch.cat([pairs[:, 0], pairs[:, 1]])
-            return {k: v.to(self.device) for k, v in mb.items()}
         mb = {k: v.to(self.device) for k, v in mb.items()}
-        # Reference log-probs of the same rows, on the same (last) pipeline stage.
-        mb["ref_logps"] = self._reference_forward([mb], self.groups)[0]
+        if "ref_logps" not in mb:  # the reference scores the same rows, on the same (last) stage
+            mb["ref_logps"] = self._reference_forward([mb], self.groups)[0]
         return mb
 
     def _reference_forward(self, mbs: list[dict], groups: RoleGroups) -> list[torch.Tensor]:

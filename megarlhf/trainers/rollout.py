@@ -414,8 +414,7 @@ class RolloutTrainer:
         self, batch, rows: list[int], extra, groups: RoleGroups, min_length: int = 0, forward_only: bool = False
     ):
         """This DP rank's `rows` at `groups`' layout -> microbatches (ppo_batches.cut_microbatches)
-        of micro_batch_size rows, or train.forward_micro_batch rows for forward-only passes
-        (under PP: the largest size up to that which splits the rows evenly)."""
+        of micro_batch_size rows, or `RunConfig.forward_micro_batch` rows for forward-only passes."""
         size = self.cfg.train.micro_batch_size
         if forward_only:
             size = self.cfg.train.forward_micro_batch(len(rows), pipelined=groups.layout.pp > 1)
