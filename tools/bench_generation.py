@@ -11,7 +11,10 @@ an id outside the vocabulary) with the KV cache on; tokens/s = generated tokens 
 time, best of --repeats, after one warm-up. The greedy outputs are compared as a check.
 On a GPU both run there (the model's dtype is float32 unless --bf16); --cuda-graphs
 replays megarlhf's decode steps from a CUDA graph (on CPU: the same fixed-shape step,
-eagerly).
+eagerly). --compile runs megarlhf's decode step through torch.compile
+(generation.compile=true); --hf-compile gives transformers the same: its static cache
+and compiled forward (on CPU too). The warm-up call, which pays any compile, is
+reported separately ("first call").
 """
 
 from __future__ import annotations
@@ -40,23 +43,31 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--cuda-graphs", action="store_true", help="megarlhf: generation.cuda_graphs=true")
+    p.add_argument("--compile", action="store_true", help="megarlhf: generation.compile=true")
+    p.add_argument("--hf-compile", action="store_true", help="transformers: static cache + compiled forward")
     p.add_argument("--bf16", action="store_true", help="GPU: both sides in bfloat16")
     p.add_argument("--json", default=None, help="also write the figures here")
     return p.parse_args(argv)
 
 
-def timed(fn, repeats: int) -> tuple[float, object]:
-    fn()  # warm-up
+def _clock(fn) -> tuple[float, object]:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0, out
+
+
+def timed(fn, repeats: int) -> tuple[float, float, object]:
+    """(first call's seconds: warm-up and any compile, best of `repeats` after it, output)"""
+    first, _ = _clock(fn)
     best, out = float("inf"), None
     for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        out = fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return best, out
+        seconds, out = _clock(fn)
+        best = min(best, seconds)
+    return first, best, out
 
 
 def main(argv=None) -> None:
@@ -91,39 +102,51 @@ def main(argv=None) -> None:
     model.eval()
     never = args.vocab + 7  # an EOS no sequence can produce: every row runs to --new tokens
     engine = GenerationEngine(
-        model, groups, vocab_size=args.vocab, eos_id=never, pad_id=0, cuda_graphs=args.cuda_graphs
+        model, groups, vocab_size=args.vocab, eos_id=never, pad_id=0, cuda_graphs=args.cuda_graphs,
+        compile=args.compile,
     )
+    hf_extra = {}
+    if args.hf_compile:
+        from transformers import CompileConfig
+
+        compile_config = CompileConfig(fullgraph=False, mode="default")
+        compile_config._compile_all_devices = True  # transformers compiles on GPUs only, unless told
+        hf_extra = {"cache_implementation": "static", "compile_config": compile_config}
     params = SamplingParams(max_new_tokens=args.new, temperature=0)
 
     rows = []
     for b in args.batch:
         prompts = torch.randint(0, args.vocab, (b, args.prompt), generator=torch.Generator().manual_seed(b)).to(device)
-        ours_s, ours = timed(lambda: engine.generate(prompts.tolist(), params, [0] * b), args.repeats)
+        ours_first, ours_s, ours = timed(lambda: engine.generate(prompts.tolist(), params, [0] * b), args.repeats)
 
         def hf_generate():
             with torch.no_grad():
                 return hf.generate(
                     prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=args.new,
                     min_new_tokens=args.new, do_sample=False, use_cache=True, pad_token_id=0, eos_token_id=None,
+                    **hf_extra,
                 )  # fmt: skip
 
-        hf_s, hf_out = timed(hf_generate, args.repeats)
+        hf_first, hf_s, hf_out = timed(hf_generate, args.repeats)
         same = torch.equal(ours.tokens[:, : args.prompt + args.new], hf_out.cpu())
         tokens = b * args.new
         rows.append({
             "batch": b, "megarlhf_tokens_per_s": round(tokens / ours_s, 1),
             "hf_tokens_per_s": round(tokens / hf_s, 1), "ratio": round(hf_s / ours_s, 2), "same_greedy_tokens": same,
+            "megarlhf_first_call_s": round(ours_first, 2), "hf_first_call_s": round(hf_first, 2),
         })  # fmt: skip
         print(json.dumps(rows[-1]), flush=True)
 
     print(f"\nmodel: Llama {args.layers} layers, hidden {args.hidden}, heads {args.heads}/{args.kv_heads} KV, "
           f"ffn {args.ffn}, vocab {args.vocab} ({cfg.num_parameters() / 1e6:.1f}M params); prompt {args.prompt}, "
-          f"new {args.new}, {device} ({args.threads} threads), {dtype}, cuda_graphs={args.cuda_graphs}, "
-          f"best of {args.repeats}")  # fmt: skip
-    print(f"{'batch':>5}  {'megarlhf tok/s':>14}  {'HF generate tok/s':>17}  {'ratio':>6}  same greedy tokens")
+          f"new {args.new}, {device} ({args.threads} threads), {dtype}, megarlhf cuda_graphs={args.cuda_graphs} "
+          f"compile={args.compile}, HF compile={args.hf_compile}, best of {args.repeats}")  # fmt: skip
+    print(f"{'batch':>5}  {'megarlhf tok/s':>14}  {'HF generate tok/s':>17}  {'ratio':>6}  "
+          f"{'first call s (ours / HF)':>24}  same greedy tokens")  # fmt: skip
     for r in rows:
+        first = f"{r['megarlhf_first_call_s']:.2f} / {r['hf_first_call_s']:.2f}"
         print(f"{r['batch']:>5}  {r['megarlhf_tokens_per_s']:>14,.0f}  {r['hf_tokens_per_s']:>17,.0f}  "
-              f"{r['ratio']:>5.2f}x  {r['same_greedy_tokens']}")  # fmt: skip
+              f"{r['ratio']:>5.2f}x  {first:>24}  {r['same_greedy_tokens']}")  # fmt: skip
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

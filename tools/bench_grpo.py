@@ -65,11 +65,10 @@ Differences left in (each side's own behaviour):
     own responses, so response lengths, hence tokens per iteration, differ; tokens/s
     divides that out, seconds/iteration does not. Rewards and KL drift apart over
     iterations for the same reason.
-  - generation: HF generate left-pads the prompts and decodes response_length steps at
-    most (stopping when every row has EOS); megarlhf's engine right-pads, prefills to the
-    shortest prompt and steps one position at a time (longer prompts are fed their own
-    tokens), so it takes up to (longest - shortest prompt) more decode steps. TRL samples
-    over the model's 32 logits, megarlhf over the tokenizer's 31 pieces.
+  - generation: both left-pad the prompts, prefill once and decode response_length steps
+    at most (stopping when every row has EOS); megarlhf's decode step is compiled only
+    under --set generation.compile=true. TRL samples over the model's 32 logits,
+    megarlhf over the tokenizer's 31 pieces.
   - token aggregation: TRL's "dapo" divides by the generation batch's tokens /
     steps_per_generation x gradient_accumulation_steps (the average tokens of an optimizer
     step), megarlhf by the minibatch's own tokens; same work, slightly different weights.

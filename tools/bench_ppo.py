@@ -60,13 +60,12 @@ Differences left in (each side's own behaviour):
     DataLoader, megarlhf's sampler) and samples its own responses, so response lengths,
     and hence tokens per iteration, differ; tokens/s divides that out, seconds/iteration
     does not. KL and learning dynamics drift apart over iterations for the same reason.
-  - generation: HF generate left-pads the prompts and decodes response_length steps at
-    most (stopping when every row has EOS); megarlhf's engine right-pads, prefills to the
-    shortest prompt and then steps one position at a time (longer prompts are fed their
-    own tokens), so it takes up to (longest - shortest prompt) more decode steps.
-    TRL samples over the model's 32 logits, megarlhf over the tokenizer's 31 pieces.
-  - TRL takes the rollout log-probs from generate's scores; megarlhf recomputes them with
-    one more forward pass of the actor (and its entropies).
+  - generation: both left-pad the prompts, prefill once and decode response_length steps
+    at most (stopping when every row has EOS); megarlhf's decode step is compiled only
+    under --set generation.compile=true. TRL samples over the model's 32 logits,
+    megarlhf over the tokenizer's 31 pieces.
+  - rollout log-probs: TRL takes them from generate's scores; megarlhf from its engine
+    (generation.old_logprobs=engine, the default), no extra forward pass either side.
   - TRL trains policy and value with one AdamW (optim.learning_rate for both), no
     gradient clipping; megarlhf has an optimizer per role (critic_optim's lr), clips at
     max_grad_norm, and runs actor and critic steps one after the other.

@@ -57,9 +57,18 @@ class KeyRopeCachedSelfAttention(SelfAttention):
     """`SelfAttention` whose static KV cache holds keys with RoPE already applied."""
 
     def _allocate_memory(self, inference_max_sequence_length, batch_size, dim, dtype):
+        # Megatron's [seq, batch, groups, dim] shape, stored batch- and head-major: the
+        # attention reads it as [batch, groups, seq, dim], and with this layout each
+        # (row, head) is one contiguous block (SDPA in CPU decode steps: ~1.5x faster at 21M).
         # Zeros, not Megatron's torch.empty: a fixed-shape decode step attends over the
         # whole cache, and a masked-out column must hold a finite value (0 x NaN = NaN).
-        return super()._allocate_memory(inference_max_sequence_length, batch_size, dim, dtype).zero_()
+        if self.config.flash_decode:  # Megatron's flash-decode kernels take its own layout
+            return super()._allocate_memory(inference_max_sequence_length, batch_size, dim, dtype).zero_()
+        memory = torch.zeros(
+            batch_size, self.num_query_groups_per_partition, inference_max_sequence_length, dim,
+            dtype=dtype, device=torch.cuda.current_device(),
+        )  # fmt: skip
+        return memory.permute(2, 0, 1, 3)
 
     def _adjust_key_value_for_inference(self, inference_context, query, key, value, rotary_pos_emb, *args, **kwargs):
         if isinstance(inference_context, FixedShapeDecodeContext) and inference_context.is_decode_only():
@@ -96,8 +105,11 @@ class KeyRopeCachedSelfAttention(SelfAttention):
                 key, k_pos_emb.index_select(0, ctx.position), config=self.config, cp_group=self.pg_collection.cp
             )
             query_rope = (q_pos_emb.index_select(0, ctx.position), None)
-        key_memory.index_copy_(0, ctx.position, key)
-        value_memory.index_copy_(0, ctx.position, value)
+        # Written through the memory's storage order ([batch, groups, seq, dim], see
+        # _allocate_memory): torch.compile then updates the column in place rather than
+        # copying the whole cache.
+        key_memory.permute(1, 2, 0, 3).index_copy_(2, ctx.position, key.permute(1, 2, 0, 3))
+        value_memory.permute(1, 2, 0, 3).index_copy_(2, ctx.position, value.permute(1, 2, 0, 3))
         return query, key_memory, value_memory, query_rope, AttnMaskType.no_mask, None
 
 

@@ -23,6 +23,10 @@ Where Megatron-Core 0.16.1 assumes CUDA, and what this module does about it
   the autograd engine runs with an empty mode stack -> the mode is re-entered there.
 - the unfused attention's cached causal mask (`get_default_causal_mask`, `device="cuda"`)
   -> a CPU version, since model forwards run in `fast_path()`, outside the mode.
+- `torch.compile` folds `torch.cuda.current_device()` to a constant, but knows only the
+  real function -> `teach_torch_compile()` adds the stand-in (else every compiled
+  forward breaks its graph in Megatron's rotary embedding, which moves its inverse
+  frequencies to `current_device()` whenever they sit on the CPU).
 
 The mode's Python dispatch costs ~2.4 us per torch call, so the hot regions (model
 forwards and the loss, the rollout engine's decode loop) run in `fast_path()` without it.
@@ -222,9 +226,13 @@ def _with_device_mode(backward):
     return staticmethod(wrapped)
 
 
+def _current_device() -> str:
+    return "cpu"
+
+
 def _patch_torch_cuda() -> None:
     cuda = torch.cuda
-    cuda.current_device = lambda: "cpu"
+    cuda.current_device = _current_device
     cuda.synchronize = lambda device=None: None
     cuda.Event = CpuEvent
     cuda.Stream = CpuStream
@@ -281,6 +289,21 @@ def install() -> bool:
     _MODE.__enter__()  # stays on the (main thread's) mode stack for the process lifetime
     _INSTALLED = True
     return True
+
+
+def teach_torch_compile() -> None:
+    """Let `torch.compile` fold the CPU stand-in of `torch.cuda.current_device()` as it
+    folds the real one. Its table is internal to torch, so this is best effort: without
+    it, compiled forwards still run, with a graph break per call."""
+    if not _INSTALLED:
+        return
+    try:
+        from torch._dynamo.variables import torch as dynamo_torch
+
+        dynamo_torch.constant_fold_functions_need_guards[_current_device] = None
+        dynamo_torch.constant_fold_functions[_current_device] = None
+    except (ImportError, AttributeError, TypeError):
+        pass
 
 
 def is_installed() -> bool:

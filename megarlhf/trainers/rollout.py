@@ -206,7 +206,8 @@ class RolloutTrainer:
         self.refit = WeightRefit(self.actor.module, ctx["actor"], engine_model, ctx["rollout"])
         self.generator = GenerationEngine(
             engine_model, ctx["rollout"], vocab_size=self.vocab_size,
-            eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id, cuda_graphs=cfg.generation.cuda_graphs,
+            eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id,
+            cuda_graphs=cfg.generation.cuda_graphs, compile=cfg.generation.compile,
         )  # fmt: skip
         self.device = next(actor.parameters()).device
 

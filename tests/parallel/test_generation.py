@@ -44,10 +44,15 @@ def _full_logits(model, g, tokens):
 def greedy_case(tp, arch, mode, max_new=12, model=None, engine=None):
     model, g = model or _model(tp, arch)
     engine = engine or GenerationEngine(
-        model, g, vocab_size=VOCAB, eos_id=EOS, pad_id=PAD, cuda_graphs=mode == "fixed_shape"
-    )
+        model, g, vocab_size=VOCAB, eos_id=EOS, pad_id=PAD,
+        cuda_graphs=mode == "fixed_shape", compile=mode == "compiled",
+    )  # fmt: skip
     assert engine.left_pad  # one prefill behind left padding by default
     engine.left_pad = mode != "forced_prompt_steps"  # else prefill to the shortest prompt, then forced steps
+    if mode == "compiled":
+        from torch._dynamo.utils import counters
+
+        counters.clear()
     out = engine.generate(PROMPTS, SamplingParams(max_new_tokens=max_new, temperature=0), seeds=[0] * 4)
     # Oracle: each prompt alone, full recomputation of the whole prefix at every step.
     ref_tokens, ref_logprobs = [], []
@@ -64,6 +69,9 @@ def greedy_case(tp, arch, mode, max_new=12, model=None, engine=None):
                     break
             ref_tokens.append(seq[len(p):])
             ref_logprobs.append(lps)
+    if mode == "compiled":  # the step really went through the compiler, in one graph
+        assert counters["stats"]["unique_graphs"] >= 1, dict(counters["stats"])
+        assert not counters["graph_break"], dict(counters["graph_break"])
     got_lp = [out.logprobs[i, len(p) : len(p) + int(out.response_lengths[i])].tolist() for i, p in enumerate(PROMPTS)]
     return {"tokens": [out.response_ids(i) for i in range(4)], "ref_tokens": ref_tokens,
             "logprobs": got_lp, "ref_logprobs": ref_logprobs}  # fmt: skip
@@ -71,11 +79,12 @@ def greedy_case(tp, arch, mode, max_new=12, model=None, engine=None):
 
 @pytest.mark.parametrize("tp", [1, 2])
 @pytest.mark.parametrize("arch", ["llama", "gpt"])
-@pytest.mark.parametrize("mode", ["left_padded", "forced_prompt_steps", "fixed_shape"])
+@pytest.mark.parametrize("mode", ["left_padded", "forced_prompt_steps", "fixed_shape", "compiled"])
 def test_greedy_kv_cache_equals_full_recompute(world2, tp, arch, mode):
     """Prompts of 3, 7, 5 and 9 tokens in one batch; RoPE (llama) and learned absolute
     positions (gpt). fixed_shape: the decode step CUDA graphs replay (cache column from a
-    device tensor, attention over the whole cache), run eagerly on CPU."""
+    device tensor, attention over the whole cache), run eagerly on CPU; compiled: that step
+    through torch.compile."""
     for res in world2.run(greedy_case, tp, arch, mode):
         assert res["tokens"] == res["ref_tokens"]
         for got, ref in zip(res["logprobs"], res["ref_logprobs"]):

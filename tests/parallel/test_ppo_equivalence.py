@@ -168,6 +168,7 @@ def sampling_logprobs_case(root: str, run_dir: str, overrides: list[str]):
     kept while sampling (generation.old_logprobs=engine, the default) against one more
     forward pass of the actor at its training layout (=recompute)."""
     import torch.distributed as dist
+    from torch._dynamo.utils import counters
 
     from megarlhf.config import PPOConfig, load_config
     from megarlhf.rollout.sampling import SamplingParams
@@ -183,6 +184,7 @@ def sampling_logprobs_case(root: str, run_dir: str, overrides: list[str]):
         ] + overrides,
     )  # fmt: skip
     trainer = PPOTrainer(cfg)
+    counters.clear()  # torch.compile's, for this case only
     items = [trainer.prompts[i] for i in range(ROLLOUTS)]
     batch = trainer.generate(items, SamplingParams(max_new_tokens=12, temperature=0.7, top_p=0.9), salt=3)
     engine_lp, engine_ent = trainer.sampling_logprobs(batch)
@@ -191,7 +193,8 @@ def sampling_logprobs_case(root: str, run_dir: str, overrides: list[str]):
     if dist.get_rank() != 0:
         return None
     return {"lp": (engine_lp - lp).abs().max().item(), "ent": (engine_ent - ent).abs().max().item(),
-            "tokens": int(batch["mask"].sum()), "mean_lp": (lp.sum() / batch["mask"].sum()).item()}  # fmt: skip
+            "tokens": int(batch["mask"].sum()), "mean_lp": (lp.sum() / batch["mask"].sum()).item(),
+            "compiled_graphs": counters["stats"]["unique_graphs"]}  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -201,11 +204,13 @@ def sampling_logprobs_case(root: str, run_dir: str, overrides: list[str]):
         ["layout.pp=2", "train.forward_micro_batch_size=3"],  # PP: 3 does not split the rows; 2 is used
         ["layout.tp=2"],
         ["layout.tp=2", "generation.cuda_graphs=true"],
+        ["generation.compile=true"],  # DP2: each rank compiles its own decode step
     ],
-    ids=["dp2_forward_mb8", "pp2_engine_copy_forward_mb3", "tp2", "tp2_fixed_shape_decode"],
+    ids=["dp2_forward_mb8", "pp2_engine_copy_forward_mb3", "tp2", "tp2_fixed_shape_decode", "dp2_compiled_decode"],
 )
 def test_engine_logprobs_are_the_old_logprobs(world2, assets, tmp_path, overrides):
     root, _ = assets
     res = world2.run(sampling_logprobs_case, str(root), str(tmp_path / "run"), overrides)[0]
     assert res["tokens"] > 3 * ROLLOUTS and res["mean_lp"] < -0.05, res  # real, non-trivial samples
     assert res["lp"] < 1e-5 and res["ent"] < 1e-5, res
+    assert (res["compiled_graphs"] > 0) == ("generation.compile=true" in overrides), res
