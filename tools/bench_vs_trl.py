@@ -5,6 +5,8 @@
     python tools/bench_vs_trl.py --stages rm --steps 30 --json out.json
     python tools/bench_vs_trl.py --stages dpo --sft runs/sft       # DPO from an existing SFT run
     python tools/bench_vs_trl.py --stages dpo --set rpo_alpha=0     # plain DPO, no RPO term
+    python tools/bench_vs_trl.py --set train.compile=true           # megarlhf compiled, TRL eager
+    python tools/bench_vs_trl.py --set train.compile=true --trl-compile   # both compiled
 
 Same model, data and batch shapes on both sides: the tiny Llama of examples/sft_tiny.yaml,
 examples/rm_tiny.yaml and examples/dpo_tiny.yaml (read from those files, passed on to
@@ -25,6 +27,9 @@ learning rate and schedule, one process, float32. Steps:
      rpo_alpha > 0, the example's RPO term, as TRL's loss_type ["sigmoid", "sft"] with
      loss_weights [1, rpo_alpha]; reference model in memory, its log-probs computed in
      every step as megarlhf does; megarlhf's win-rate evaluation off);
+     --trl-compile gives TRL torch_compile=True (its model's forward through
+     torch.compile), the counterpart of megarlhf's --set train.compile=true; a compiling
+     side pays its compile in its first, skipped, steps;
   5. print a table (with each side's peak RSS: ru_maxrss of its process from os.wait4)
      and write --json if asked.
 Tokens/s = non-pad tokens of the batches trained in a step / wall time of that step (RM
@@ -83,6 +88,7 @@ def parse_args(argv=None):
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="further override of the example config of every stage run (repeatable; use with one "
                         "--stages); the TRL side follows the mapped fields")
+    p.add_argument("--trl-compile", action="store_true", help="TRL: torch_compile=True (default: eager)")
     p.add_argument("--trl-python", default="/tmp/trlvenv/bin/python", help="python of a virtualenv with TRL")
     p.add_argument("--threads", type=int, default=2, help="torch threads on both sides (OMP_NUM_THREADS)")
     p.add_argument("--json", default=None, help="also write settings and figures to this file")
@@ -250,6 +256,8 @@ def run_trl(stage: str, cfg, data: Path, args, log: Path, env: dict, policy: Pat
         dpo = ["--policy", policy, "--beta", cfg.beta, "--loss-type", cfg.loss_type, "--rpo-alpha", cfg.rpo_alpha]
         if cfg.precompute_ref_log_probs:
             dpo.append("--precompute-ref-log-probs")
+    if args.trl_compile:
+        dpo.append("--torch-compile")
     cmd = [
         args.trl_python, str(REPO / "tools" / "trl_baseline.py"), "--stage", stage, "--data", str(data),
         "--layers", m.num_layers, "--hidden", m.hidden_size, "--heads", m.num_attention_heads,
@@ -365,7 +373,9 @@ def print_table(results: dict, args) -> None:
     v = next(iter(results.values()))["trl"]["versions"]
     print(
         f"steps {args.steps} per side, first {args.warmup} skipped; {args.threads} threads; float32 CPU; "
-        f"TRL {v['trl']}, transformers {v['transformers']}, torch {v['torch']} (TRL side)"
+        f"TRL {v['trl']}, transformers {v['transformers']}, torch {v['torch']} (TRL side); "
+        f"torch.compile: megarlhf {'on' if 'train.compile=true' in args.overrides else 'off'}, "
+        f"TRL {'on' if args.trl_compile else 'off'}"
     )
 
 

@@ -28,7 +28,9 @@ A DPO batch holds both sides of its pairs (chosen rows, then rejected rows), so 
 tokens are those of the chosen + rejected sequences; the reference's forward pass runs
 inside the step, as in megarlhf by default, or (--precompute-ref-log-probs, TRL's
 precompute_ref_log_probs, megarlhf's same-named option) once over the data before the
-first step, outside the step clocks on both sides.
+first step, outside the step clocks on both sides. --torch-compile sets TrainingArguments'
+torch_compile (the model's forward through torch.compile), the counterpart of megarlhf's
+train.compile.
 `positions` = padded positions computed (TRL pads each batch to its longest row).
 The first --warmup steps are skipped. The last stdout line is one JSON object.
 """
@@ -60,6 +62,7 @@ def parse_args(argv=None):
                    help="dpo: weight of RPO's NLL of the chosen answers (TRL's 'sft' loss added to --loss-type)")
     p.add_argument("--precompute-ref-log-probs", action="store_true",
                    help="dpo: the reference scores the data once, before training")
+    p.add_argument("--torch-compile", action="store_true", help="TrainingArguments.torch_compile=True")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--heads", type=int, default=4)
@@ -212,7 +215,7 @@ def main(argv=None) -> int:
         # configs recompute nothing and train in float32.
         activation_checkpointing=False, use_cpu=True, bf16=False, dataloader_num_workers=0,
         dataset_num_proc=None, report_to=[], save_strategy="no", logging_steps=args.steps + 1,
-        disable_tqdm=True, seed=args.seed,
+        disable_tqdm=True, seed=args.seed, torch_compile=args.torch_compile,
     )  # fmt: skip
     if args.stage == "sft":
         config = trl.SFTConfig(**common, packing=False, completion_only_loss=True)

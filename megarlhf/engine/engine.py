@@ -16,8 +16,9 @@ import torch.distributed as dist
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from megarlhf.config import OptimConfig
+from megarlhf.config import ConfigError, OptimConfig
 from megarlhf.engine.schedule import Batch, LossFn, run_microbatches, wrap_ddp
+from megarlhf.parallel import cpu_compat
 from megarlhf.parallel.layout import RoleGroups
 
 
@@ -49,9 +50,23 @@ def reduce_stats(per_microbatch: list[dict[str, Any]], groups: RoleGroups) -> di
 class TrainEngine:
     """The model, optimizer and scheduler of one trainable role at one layout."""
 
-    def __init__(self, model: torch.nn.Module, groups: RoleGroups, optim: OptimConfig, max_steps: int):
+    def __init__(
+        self, model: torch.nn.Module, groups: RoleGroups, optim: OptimConfig, max_steps: int, *, compile: bool = False
+    ):
+        if compile and (groups.layout.pp > 1 or model.config.recompute_granularity is not None):
+            raise ConfigError(
+                "train.compile needs pipeline-parallel size 1 and no activation recompute "
+                f"(layout {groups.layout}, recompute {model.config.recompute_granularity!r}): "
+                "set train.compile=false"
+            )
         self.groups = groups
         self.model = wrap_ddp(model, groups, use_distributed_optimizer=optim.use_distributed_optimizer)
+        # torch.compile of the GPTModel itself (DDP's forward only calls it; DDP's
+        # gradient hooks sit on the parameters, which stay leaves of the compiled graph).
+        self.compiled_model = None
+        if compile:
+            cpu_compat.teach_torch_compile()
+            self.compiled_model = torch.compile(model, dynamic=True)
         params_dtype = model.config.params_dtype
         self.optimizer = get_megatron_optimizer(
             OptimizerConfig(
@@ -101,7 +116,7 @@ class TrainEngine:
         self.model.train()
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
-        per_mb = run_microbatches(self.model, self.groups, microbatches, loss_fn)
+        per_mb = run_microbatches(self.model, self.groups, microbatches, loss_fn, forward=self.compiled_model)
         # Advance the schedule first: update k (1-based) uses lr(k), so warm-up's first
         # update is lr/warmup_steps rather than a wasted step at lr = 0.
         self.scheduler.step(increment=1)
@@ -141,5 +156,7 @@ class TrainEngine:
     def forward(self, microbatches: Sequence[Batch], loss_fn: LossFn) -> dict[str, float]:
         """Forward-only pass (eval mode); summed stats on every rank."""
         self.model.eval()
-        per_mb = run_microbatches(self.model, self.groups, microbatches, loss_fn, forward_only=True)
+        per_mb = run_microbatches(
+            self.model, self.groups, microbatches, loss_fn, forward_only=True, forward=self.compiled_model
+        )
         return reduce_stats(per_mb, self.groups)

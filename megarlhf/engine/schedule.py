@@ -60,6 +60,7 @@ def run_microbatches(
     loss_fn: LossFn,
     *,
     forward_only: bool = False,
+    forward: Callable[..., torch.Tensor] | None = None,
 ) -> list[dict[str, Any]]:
     """Forward (+ backward) over `microbatches` with Megatron's schedule for this layout.
 
@@ -69,7 +70,8 @@ def run_microbatches(
     stage returns each microbatch's stats dict; on other stages an empty list.
     Gradients (unless forward_only) are accumulated into the DDP grad buffers and, after
     the last microbatch, reduced across DP (and TP for sequence-parallel norms, and the
-    first/last stage for tied embeddings).
+    first/last stage for tied embeddings). `forward`: what the microbatches go through
+    instead of `model` (the compiled model of `TrainEngine(compile=True)`).
     """
     config = get_model_config(model)
     micro_batch_size, seq_length = microbatches[0]["tokens"].shape
@@ -85,7 +87,7 @@ def run_microbatches(
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
         with cpu_compat.fast_path():
-            output = model(batch["tokens"], batch["position_ids"], None)
+            output = (model if forward is None else forward)(batch["tokens"], batch["position_ids"], None)
 
         def loss_func(output_tensor):
             with cpu_compat.fast_path():

@@ -120,7 +120,9 @@ class PPOTrainer(RolloutTrainer):
         else:
             critic = build_model(cfg.model, ctx["critic"], "value")
             load_model_weights(critic, ctx["critic"], cfg.sft_model_path, "actor", exclude=("output_layer.",))
-        self.critic = TrainEngine(critic, ctx["critic"], cfg.critic_optim, cfg.optimizer_steps)
+        self.critic = TrainEngine(
+            critic, ctx["critic"], cfg.critic_optim, cfg.optimizer_steps, compile=cfg.train.compile
+        )
 
     def describe(self) -> str:
         ppo = self.cfg.ppo

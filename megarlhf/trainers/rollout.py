@@ -189,7 +189,7 @@ class RolloutTrainer:
         self._check_vocab(cfg.model, "model")
         actor = build_model(cfg.model, ctx["actor"], "lm")
         load_model_weights(actor, ctx["actor"], cfg.sft_model_path, "actor")
-        self.actor = TrainEngine(actor, ctx["actor"], cfg.optim, cfg.optimizer_steps)
+        self.actor = TrainEngine(actor, ctx["actor"], cfg.optim, cfg.optimizer_steps, compile=cfg.train.compile)
         self.reference = None
         if self.uses_reference:
             self.reference = self._frozen(cfg.model, "reference", "lm", cfg.sft_model_path, "actor")

@@ -68,7 +68,7 @@ class SupervisedTrainer:
         model = build_model(cfg.model, self.groups, self.head)
         if cfg.init_from:
             self._init_weights(model, cfg.init_from)
-        self.engine = TrainEngine(model, self.groups, cfg.optim, cfg.train.max_steps)
+        self.engine = TrainEngine(model, self.groups, cfg.optim, cfg.train.max_steps, compile=cfg.train.compile)
         self.device = next(model.parameters()).device
 
         self.step = 0

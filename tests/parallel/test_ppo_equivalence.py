@@ -109,7 +109,8 @@ def ppo_update_case(root: str, run_dir: str, overrides: list[str]):
     trainer.run.close()
     if dist.get_rank() != 0:
         return None
-    return {"before": before, "actor": actor, "critic": critic, "metrics": metrics}
+    compiled = [e.compiled_model is not None for e in (trainer.actor, trainer.critic)]
+    return {"before": before, "actor": actor, "critic": critic, "metrics": metrics, "compiled": compiled}
 
 
 @pytest.fixture(scope="module")
@@ -146,6 +147,7 @@ CASES_2 = {
     "actor_tp2_reward_tp1_reference_pp2": ["layout.tp=2", "reward_layout.tp=1", "reference_layout.tp=1", "reference_layout.pp=2"],
     "actor_pp2_reward_tp2_engine_tp2": ["layout.pp=2", "reward_layout.tp=2", "reward_layout.pp=1", "generation.tp=2"],
     "actor_tp2_critic_pp2": ["layout.tp=2", "critic_layout.tp=1", "critic_layout.pp=2"],
+    "dp2_compiled_training": ["train.compile=true"],  # actor and critic through torch.compile
 }
 
 
@@ -153,6 +155,7 @@ CASES_2 = {
 def test_ppo_update_matches_single_rank(world2, assets, tmp_path, case):
     root, reference = assets
     result = world2.run(ppo_update_case, str(root), str(tmp_path / "run"), CASES_2[case])[0]
+    assert result["compiled"] == [case == "dp2_compiled_training"] * 2
     _compare(result, reference)
 
 
