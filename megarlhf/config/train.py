@@ -127,7 +127,7 @@ class RunConfig:
     compile: bool = False
     """Run the trained models' forward (and its backward) through torch.compile (Inductor,
     dynamic shapes: one graph for every microbatch length). The first step pays the
-    compile (~20-30 s per model on a 2-core CPU), later steps skip the per-op Python of
+    compile (20-90 s per model on a 2-core CPU), later steps skip the per-op Python of
     Megatron's layers and run fused elementwise kernels (fwd+bwd of the examples' 0.6M
     model: ~28% less time on CPU). Needs pipeline-parallel size 1 and no activation
     recompute; at TP>1 Megatron's column-parallel linears (an asynchronous all-reduce in

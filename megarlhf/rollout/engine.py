@@ -273,7 +273,8 @@ class _FixedShapeStep:
         self.use_graph = engine.cuda_graphs and device.type == "cuda"
 
     def _forward(self) -> torch.Tensor:
-        logits = self.engine._compiled_logits or self.engine._logits
+        compiled = self.engine._compiled_logits
+        logits = self.engine._logits if compiled is None else compiled
         return logits(self.tokens, self.positions, self.ctx, self.mask)
 
     def __call__(self, t: int, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
