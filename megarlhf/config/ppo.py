@@ -15,7 +15,7 @@ from typing import ClassVar, Literal
 
 from megarlhf.config.errors import ConfigError
 from megarlhf.config.model import ModelConfig
-from megarlhf.config.train import DataConfig, LayoutConfig, OptimConfig, RoleLayoutConfig, RunConfig
+from megarlhf.config.train import DataConfig, LayoutConfig, OptimConfig, RoleLayoutConfig, RunConfig, check_compile
 
 
 @dataclass
@@ -178,6 +178,7 @@ class RolloutConfig:
                 f"{self.generation.response_length} = {total} exceeds model.max_seq_length = "
                 f"{self.model.max_seq_length}"
             )
+        check_compile(self)
 
     trainable_roles: ClassVar[tuple[str, ...]] = ("actor",)
 

@@ -7,7 +7,7 @@ from typing import Literal
 
 from megarlhf.config.errors import ConfigError
 from megarlhf.config.model import ModelConfig
-from megarlhf.config.train import DataConfig, LayoutConfig, OptimConfig, RoleLayoutConfig, RunConfig
+from megarlhf.config.train import DataConfig, LayoutConfig, OptimConfig, RoleLayoutConfig, RunConfig, check_compile
 
 
 @dataclass
@@ -36,6 +36,7 @@ class SFTConfig:
                 f"data.max_length = {self.data.max_length} exceeds model.max_seq_length = "
                 f"{self.model.max_seq_length}"
             )
+        check_compile(self)
 
 
 @dataclass

@@ -47,26 +47,31 @@ def reduce_stats(per_microbatch: list[dict[str, Any]], groups: RoleGroups) -> di
     return totals
 
 
+def compile_model(model: torch.nn.Module, groups: RoleGroups, what: str) -> torch.nn.Module:
+    """`model` (a GPTModel) through torch.compile with dynamic shapes, for `run_microbatches(
+    forward=...)`: train.compile's path for trained and frozen models alike. Pipeline
+    stages (p2p tensors between microbatches) and activation recompute (a forward replayed
+    inside backward) stay eager: a config error, not a silent fallback."""
+    if groups.layout.pp > 1 or model.config.recompute_granularity is not None:
+        raise ConfigError(
+            f"train.compile needs pipeline-parallel size 1 and no activation recompute; {what} has "
+            f"layout {groups.layout}, recompute {model.config.recompute_granularity!r}: "
+            "set train.compile=false (or give it a layout with pp=1)"
+        )
+    return cpu_compat.torch_compile(model, dynamic=True)
+
+
 class TrainEngine:
     """The model, optimizer and scheduler of one trainable role at one layout."""
 
     def __init__(
         self, model: torch.nn.Module, groups: RoleGroups, optim: OptimConfig, max_steps: int, *, compile: bool = False
     ):
-        if compile and (groups.layout.pp > 1 or model.config.recompute_granularity is not None):
-            raise ConfigError(
-                "train.compile needs pipeline-parallel size 1 and no activation recompute "
-                f"(layout {groups.layout}, recompute {model.config.recompute_granularity!r}): "
-                "set train.compile=false"
-            )
-        self.groups = groups
-        self.model = wrap_ddp(model, groups, use_distributed_optimizer=optim.use_distributed_optimizer)
         # torch.compile of the GPTModel itself (DDP's forward only calls it; DDP's
         # gradient hooks sit on the parameters, which stay leaves of the compiled graph).
-        self.compiled_model = None
-        if compile:
-            cpu_compat.teach_torch_compile()
-            self.compiled_model = torch.compile(model, dynamic=True)
+        self.compiled_model = compile_model(model, groups, "the trained model") if compile else None
+        self.groups = groups
+        self.model = wrap_ddp(model, groups, use_distributed_optimizer=optim.use_distributed_optimizer)
         params_dtype = model.config.params_dtype
         self.optimizer = get_megatron_optimizer(
             OptimizerConfig(

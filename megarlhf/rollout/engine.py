@@ -123,8 +123,7 @@ class GenerationEngine:
         self.compile = compile
         self._compiled_logits = None
         if compile:
-            cpu_compat.teach_torch_compile()
-            self._compiled_logits = torch.compile(self._logits)
+            self._compiled_logits = cpu_compat.torch_compile(self._logits)
         self.graphs_captured = 0  # decode-step CUDA graphs captured so far (one per generate call)
 
     def _logits(self, tokens: torch.Tensor, positions: torch.Tensor, ctx, mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -28,6 +28,7 @@ import torch.distributed as dist
 from megarlhf.algorithms import dpo_loss, rpo_term, sequence_logps
 from megarlhf.checkpoint.dist_ckpt import load_model_weights, resolve_checkpoint
 from megarlhf.data import PromptDataset, collate_preference
+from megarlhf.engine.engine import compile_model
 from megarlhf.engine.schedule import run_microbatches
 from megarlhf.models.backbone import build_model
 from megarlhf.models.logprobs import logprobs_and_entropy
@@ -62,7 +63,7 @@ class DPOTrainer(SupervisedTrainer):
     def __init__(self, cfg, resume=None):
         super().__init__(cfg, resume)
         self.ref_groups = self.ctx["reference"]
-        self.reference = None
+        self.reference = self.reference_forward = None  # the frozen model; compiled under train.compile
         self.win_prompts = self.reward_fn = self._reference_rule_scores = None
         if cfg.win_rate_prompts:
             self.reward_fn = load_reward_fn(cfg.reward_fn)
@@ -72,16 +73,22 @@ class DPOTrainer(SupervisedTrainer):
         if cfg.precompute_ref_log_probs:
             self._precompute_reference()
         else:
-            self.reference = self._load_reference()
+            self._load_reference()
 
     def layouts(self) -> dict[str, Layout]:
         return {**super().layouts(), "reference": Layout(*self.cfg.reference_layout.resolve(self.cfg.layout))}
 
-    def _load_reference(self) -> torch.nn.Module:
+    def _load_reference(self) -> None:
+        """self.reference (and its compiled forward under train.compile)."""
         reference = build_model(self.cfg.model, self.ref_groups, "lm")
         load_model_weights(reference, self.ref_groups, self._reference_path(), "actor")
         reference.requires_grad_(False)
-        return reference.eval()
+        self.reference = reference.eval()
+        if self.cfg.train.compile:
+            self.reference_forward = compile_model(reference, self.ref_groups, "the reference model")
+
+    def compiled_roles(self) -> list[str]:
+        return super().compiled_roles() + (["reference"] if self.reference_forward is not None else [])
 
     def _reference_path(self) -> str:
         path = self.cfg.ref_model_path or self.cfg.init_from
@@ -113,8 +120,9 @@ class DPOTrainer(SupervisedTrainer):
         than the last, which do not need them)."""
         zero = torch.zeros((), device=self.device)
         outs = run_microbatches(
-            self.reference, groups, mbs, lambda o, b: (zero, {"logps": self._row_logps(o, b, groups)}), forward_only=True
-        )
+            self.reference, groups, mbs, lambda o, b: (zero, {"logps": self._row_logps(o, b, groups)}), forward_only=True,
+            forward=self.reference_forward,
+        )  # fmt: skip
         if not outs:
             return [torch.zeros(mb["tokens"].shape[0], device=self.device) for mb in mbs]
         return [out["logps"].detach() for out in outs]
@@ -135,7 +143,7 @@ class DPOTrainer(SupervisedTrainer):
             self.run.say(f"reference log-probs: read back from {path}")
         else:
             t0 = time.perf_counter()
-            self.reference = self._load_reference()
+            self._load_reference()
             tables = {name: self._reference_logps(data, name) for name, data in datasets.items()}
             pairs = sum(len(d) for d in datasets.values())
             self.run.say(
@@ -150,9 +158,9 @@ class DPOTrainer(SupervisedTrainer):
             data.attach("ref_logps", tables[name])
         if self.win_prompts is not None:  # the reference's answers are scored once, now
             if self.reference is None:
-                self.reference = self._load_reference()
+                self._load_reference()
             self._reference_rule_scores = self._rule_scores(self.reference, self.ref_groups)
-        self.reference = None  # training needs the policy only
+        self.reference = self.reference_forward = None  # training needs the policy only
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 

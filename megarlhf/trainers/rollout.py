@@ -37,7 +37,7 @@ from megarlhf.checkpoint.dist_ckpt import (
 )
 from megarlhf.config import ConfigError, ModelConfig, RolloutConfig
 from megarlhf.data import ChatTemplate, PromptDataset, ShardedSampler, load_tokenizer
-from megarlhf.engine.engine import TrainEngine
+from megarlhf.engine.engine import TrainEngine, compile_model
 from megarlhf.engine.schedule import run_microbatches
 from megarlhf.models.backbone import build_model
 from megarlhf.models.logprobs import logprobs_and_entropy
@@ -100,7 +100,12 @@ class RolloutTrainer:
         self._load_data()
         self.row_multiple = self._check_batch_sizes()
         self.reward_fn = load_reward_fn(cfg.reward_fn) if cfg.reward_fn else None
+        # Each model's forward through torch.compile under train.compile (trained and frozen).
+        self.compiled: dict[torch.nn.Module, torch.nn.Module] = {}
         self._build_models()
+        for engine in self.trainables().values():
+            if engine.compiled_model is not None:
+                self.compiled[engine.model] = engine.compiled_model
 
         self.step = 0
         resume_from = resume_checkpoint(resume, cfg.train.run_dir)
@@ -181,6 +186,8 @@ class RolloutTrainer:
         model = build_model(model_cfg, groups, head)
         load_model_weights(model, groups, path, saved_role)
         model.requires_grad_(False)
+        if self.cfg.train.compile:
+            self.compiled[model] = compile_model(model, groups, f"the {role} model")
         return model.eval()
 
     def _build_models(self) -> None:
@@ -340,7 +347,10 @@ class RolloutTrainer:
         mbs = self._microbatches(batch, list(rows), {}, groups, forward_only=True)
         model.eval()
         zero = torch.zeros((), device=self.device)
-        outs = run_microbatches(model, groups, mbs, lambda out, mb: (zero, {"rows": per_token(out, mb)}), forward_only=True)
+        outs = run_microbatches(
+            model, groups, mbs, lambda out, mb: (zero, {"rows": per_token(out, mb)}), forward_only=True,
+            forward=self.compiled.get(model),
+        )  # fmt: skip
         owner = is_row_owner(groups)
         local = None
         if owner:
@@ -471,10 +481,13 @@ class RolloutTrainer:
     def describe(self) -> str:
         """The first log line: sizes and layouts."""
         layouts = ", ".join(f"{r} {g.layout}" for r, g in self.ctx.roles.items())
+        models = {**{r: e.model for r, e in self.trainables().items()}, "reference": self.reference, "reward": self.reward}
+        compiled = [r for r, m in models.items() if m is not None and m in self.compiled]
+        compiled += ["decode step"] if self.generator.compile else []
         return (
             f"megarlhf {self.stage}: {self.cfg.model.num_parameters('lm') / 1e6:.2f}M-parameter policy, "
             f"{len(self.prompts)} prompts, {self.cfg.train.global_batch_size} prompts per iteration; "
-            f"{layouts}; refit {self.refit}"
+            f"{layouts}; refit {self.refit}" + (f"; torch.compile: {', '.join(compiled)}" if compiled else "")
         )
 
     def fit(self) -> dict[str, Any]:

@@ -116,6 +116,10 @@ class SupervisedTrainer:
     def metrics(self, sums: dict[str, float], prefix: str = "") -> dict[str, float]:
         raise NotImplementedError
 
+    def compiled_roles(self) -> list[str]:
+        """The models whose forward runs through torch.compile (train.compile)."""
+        return [self.role] if self.engine.compiled_model is not None else []
+
     # --- the loop ---------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg.train
@@ -128,6 +132,7 @@ class SupervisedTrainer:
             f"layout {self.groups.layout}, {len(self.train_data)} training samples "
             f"({self.train_data.num_skipped} skipped), global batch {cfg.global_batch_size} = "
             f"{cfg.micro_batch_size} x {self.num_microbatches} microbatches x {self.dp} dp"
+            + (f"; torch.compile: {', '.join(compiled)}" if (compiled := self.compiled_roles()) else "")
         )
         bar = run.progress(cfg.max_steps, self.step, desc=self.stage)
         metrics: dict[str, float] = {}

@@ -54,8 +54,9 @@ def test_dpo_bad_configs_exit_2(task_data, weak_sft, tmp_path):
 def test_dpo_steps_match_single_rank_at_tp2_pp2_dp2(task_data, weak_sft, tmp_path):
     """5 DPO steps (policy and its reference both sharded) give the single-rank losses;
     so do reference log-probs precomputed at the reference's own layout (TP2 or PP2 under a
-    DP2 policy, PP1 under a PP2 policy), and a precomputing run stopped after 3 steps and
-    resumed, which reads them back from the run directory."""
+    DP2 policy, PP1 under a PP2 policy), policy and reference through torch.compile, and a
+    precomputing run stopped after 3 steps and resumed, which reads them back from the run
+    directory."""
     common = [
         "dpo", "--config", DPO, *data_overrides(task_data, "prefs_train"), "data.eval_file=", "win_rate_prompts=",
         f"init_from={weak_sft}", "train.max_steps=5", "optim.adam_epsilon=1e-4",
@@ -78,6 +79,12 @@ def test_dpo_steps_match_single_rank_at_tp2_pp2_dp2(task_data, weak_sft, tmp_pat
         assert out.returncode == 0, out.stderr[-4000:]
         losses = [r["loss"] for r in metrics(tmp_path / name)]
         assert losses == pytest.approx(reference, abs=1e-5), name
+
+    # train.compile (one rank): the policy's forward/backward and the in-step reference forward
+    out = megarlhf(*common, f"train.run_dir={tmp_path / 'compiled'}", "train.compile=true")
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert "torch.compile: actor, reference" in out.stdout, out.stdout[-2000:]
+    assert [r["loss"] for r in metrics(tmp_path / "compiled")] == pytest.approx(reference, abs=1e-5)
 
     run_dir = tmp_path / "precomputed_resumed"
     out = megarlhf(*common, f"train.run_dir={run_dir}", precompute, "train.max_steps=3")

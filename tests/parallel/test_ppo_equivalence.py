@@ -79,6 +79,7 @@ def fixed_rollouts(trainer, n: int, items: list[dict] | None = None):
 
 def ppo_update_case(root: str, run_dir: str, overrides: list[str]):
     import torch.distributed as dist
+    from torch._dynamo.utils import counters
 
     from megarlhf.config import PPOConfig, load_config
     from megarlhf.parallel import weights
@@ -101,6 +102,7 @@ def ppo_update_case(root: str, run_dir: str, overrides: list[str]):
         ] + overrides,
     )  # fmt: skip
     trainer = PPOTrainer(cfg)
+    counters.clear()  # torch.compile's, for this case only
     batch, items = fixed_rollouts(trainer, ROLLOUTS)
     before = weights.gather_full_state(trainer.actor.module, trainer.ctx["actor"])
     metrics = trainer.update(batch, items)
@@ -109,8 +111,9 @@ def ppo_update_case(root: str, run_dir: str, overrides: list[str]):
     trainer.run.close()
     if dist.get_rank() != 0:
         return None
-    compiled = [e.compiled_model is not None for e in (trainer.actor, trainer.critic)]
-    return {"before": before, "actor": actor, "critic": critic, "metrics": metrics, "compiled": compiled}
+    compiled = [m in trainer.compiled for m in (trainer.actor.model, trainer.critic.model, *trainer.frozen_models())]
+    return {"before": before, "actor": actor, "critic": critic, "metrics": metrics, "compiled": compiled,
+            "compiled_graphs": counters["stats"]["unique_graphs"]}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +150,7 @@ CASES_2 = {
     "actor_tp2_reward_tp1_reference_pp2": ["layout.tp=2", "reward_layout.tp=1", "reference_layout.tp=1", "reference_layout.pp=2"],
     "actor_pp2_reward_tp2_engine_tp2": ["layout.pp=2", "reward_layout.tp=2", "reward_layout.pp=1", "generation.tp=2"],
     "actor_tp2_critic_pp2": ["layout.tp=2", "critic_layout.tp=1", "critic_layout.pp=2"],
-    "dp2_compiled_training": ["train.compile=true"],  # actor and critic through torch.compile
+    "dp2_compiled_training": ["train.compile=true"],  # all four models' forwards through torch.compile
 }
 
 
@@ -155,7 +158,9 @@ CASES_2 = {
 def test_ppo_update_matches_single_rank(world2, assets, tmp_path, case):
     root, reference = assets
     result = world2.run(ppo_update_case, str(root), str(tmp_path / "run"), CASES_2[case])[0]
-    assert result["compiled"] == [case == "dp2_compiled_training"] * 2
+    # Compiled: actor and critic (training and forward-only graphs), reference, reward model.
+    assert result["compiled"] == [case == "dp2_compiled_training"] * 4
+    assert (result["compiled_graphs"] >= 6) == (case == "dp2_compiled_training"), result["compiled_graphs"]
     _compare(result, reference)
 
 

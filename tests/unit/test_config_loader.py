@@ -2,7 +2,7 @@
 
 import pytest
 
-from megarlhf.config import ConfigError, RMConfig, SFTConfig, describe, dump_yaml, load_config
+from megarlhf.config import ConfigError, DPOConfig, PPOConfig, RMConfig, SFTConfig, describe, dump_yaml, load_config
 
 REQUIRED = ["data.tokenizer=tok.model", "data.train_file=train.jsonl"]
 
@@ -39,6 +39,25 @@ def test_round_trip_through_dumped_yaml(tmp_path):
 def test_errors_name_the_key(override, match):
     with pytest.raises(ConfigError, match=match):
         load_config(SFTConfig, None, REQUIRED + [override])
+
+
+@pytest.mark.parametrize(
+    "cls,overrides,match",
+    [
+        (SFTConfig, ["layout.pp=2"], "every model it compiles; layout.pp = 2: set layout.pp=1"),
+        (SFTConfig, ["model.recompute=full"], "train.compile with model.recompute = 'full'"),
+        (DPOConfig, ["init_from=sft", "precompute_ref_log_probs=true", "reference_layout.pp=2"],
+         "reference_layout.pp = 2: set reference_layout.pp=1"),
+        (PPOConfig, ["sft_model_path=sft", "reward_fn=m:f", "layout.pp=2", "reward_layout.pp=1", "reference_layout.pp=1",
+                     "critic_layout.pp=1"], "layout.pp = 2"),
+        (PPOConfig, ["sft_model_path=sft", "reward_fn=m:f", "critic_layout.pp=2"], "critic_layout.pp = 2"),
+    ],
+)
+def test_compile_needs_pp1_for_every_compiled_model(cls, overrides, match):
+    """train.compile compiles trained and frozen models alike: each layout is checked."""
+    load_config(cls, None, REQUIRED + [o for o in overrides if ".pp=" not in o and "recompute" not in o] + ["train.compile=true"])
+    with pytest.raises(ConfigError, match=match):
+        load_config(cls, None, REQUIRED + overrides + ["train.compile=true"])
 
 
 def test_missing_file_and_required_fields(tmp_path):
