@@ -330,7 +330,7 @@ def bench_stage(stage: str, data_dir: Path, tokenizer: Path, args, env: dict) ->
             "model": {**vars(cfg.model), "ffn_size": cfg.model.ffn_size, "query_groups": cfg.model.query_groups,
                       "padded_vocab_size": cfg.model.padded_vocab_size},
             "micro_batch_size": cfg.train.micro_batch_size, "global_batch_size": cfg.train.global_batch_size,
-            "max_length": cfg.data.max_length, "lr": cfg.optim.learning_rate,
+            "max_length": cfg.data.max_length, "lr": cfg.optim.learning_rate, "compile": cfg.train.compile,
             "lr_scheduler": cfg.optim.lr_scheduler_type,
             **({"dpo": {"beta": cfg.beta, "loss_type": cfg.loss_type, "rpo_alpha": cfg.rpo_alpha, "sft": str(sft),
                       "precompute_ref_log_probs": cfg.precompute_ref_log_probs}}
@@ -370,11 +370,12 @@ def print_table(results: dict, args) -> None:
             print(f"    DPO: beta {d['beta']}, loss_type {d['loss_type']}, rpo_alpha {d['rpo_alpha']}, policy and "
                   f"reference from {d['sft']}; lr {c['lr']} {c['lr_scheduler']}; reference log-probs "
                   f"{'precomputed before the first step' if d['precompute_ref_log_probs'] else 'in every step'}")  # fmt: skip
-    v = next(iter(results.values()))["trl"]["versions"]
+    first = next(iter(results.values()))
+    v = first["trl"]["versions"]
     print(
         f"steps {args.steps} per side, first {args.warmup} skipped; {args.threads} threads; float32 CPU; "
         f"TRL {v['trl']}, transformers {v['transformers']}, torch {v['torch']} (TRL side); "
-        f"torch.compile: megarlhf {'on' if 'train.compile=true' in args.overrides else 'off'}, "
+        f"torch.compile: megarlhf {'on' if first['config']['compile'] else 'off'}, "
         f"TRL {'on' if args.trl_compile else 'off'}"
     )
 

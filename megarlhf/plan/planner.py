@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 
 from megarlhf.config import ModelConfig
 from megarlhf.config.errors import ConfigError
-from megarlhf.config.train import even_microbatch_size
+from megarlhf.config.train import forward_microbatch_rows
 from megarlhf.plan import memory as mem
 from megarlhf.plan.hardware import GPU
 from megarlhf.plan.shapes import stage_parameters
@@ -258,10 +258,7 @@ def role_cost(cfg: ModelConfig, layout: RoleLayout, head: str, trainable: bool, 
     seq = _row_length(work, layout.pp, work.rollout_batch)
     tokens = work.rollout_batch * seq
     rows = work.rollout_batch // dp
-    forward_mb = work.forward_micro_batch or work.micro_batch
-    if layout.pp > 1:  # as the trainers do: equal microbatches under PP
-        forward_mb = even_microbatch_size(rows, forward_mb)
-    forward_mb = min(forward_mb, rows)
+    forward_mb = min(forward_microbatch_rows(rows, work.micro_batch, work.forward_micro_batch, layout.pp > 1), rows)
     score = pass_seconds(cfg, gpu, eff, tokens=tokens, seq=seq, gpus=world, backward=False, pp=layout.pp,
                          microbatches=math.ceil(rows / forward_mb), head=head)  # fmt: skip
     score += _tp_comm_seconds(cfg, cluster, eff, layout, tokens / dp, 2)
