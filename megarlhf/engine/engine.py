@@ -16,9 +16,9 @@ import torch.distributed as dist
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from megarlhf.config import ConfigError, OptimConfig
+from megarlhf.config import OptimConfig
 from megarlhf.engine.schedule import Batch, LossFn, run_microbatches, wrap_ddp
-from megarlhf.parallel import cpu_compat
+from megarlhf.models.compile import compile_model
 from megarlhf.parallel.layout import RoleGroups
 
 
@@ -45,20 +45,6 @@ def reduce_stats(per_microbatch: list[dict[str, Any]], groups: RoleGroups) -> di
         dist.broadcast_object_list(box, src=src, group=groups.pp)
         totals = box[0]
     return totals
-
-
-def compile_model(model: torch.nn.Module, groups: RoleGroups, what: str) -> torch.nn.Module:
-    """`model` (a GPTModel) through torch.compile with dynamic shapes, for `run_microbatches(
-    forward=...)`: train.compile's path for trained and frozen models alike. Pipeline
-    stages (p2p tensors between microbatches) and activation recompute (a forward replayed
-    inside backward) stay eager: a config error, not a silent fallback."""
-    if groups.layout.pp > 1 or model.config.recompute_granularity is not None:
-        raise ConfigError(
-            f"train.compile needs pipeline-parallel size 1 and no activation recompute; {what} has "
-            f"layout {groups.layout}, recompute {model.config.recompute_granularity!r}: "
-            "set train.compile=false (or give it a layout with pp=1)"
-        )
-    return cpu_compat.torch_compile(model, dynamic=True)
 
 
 class TrainEngine:

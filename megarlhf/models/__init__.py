@@ -1,1 +1,1 @@
-"""Backbone builder, LM and value heads, log-probs/entropy under TP. Layer: models/."""
+"""Backbone builder, LM and value heads, log-probs/entropy under TP, compiled forwards. Layer: models/."""

@@ -306,26 +306,5 @@ def teach_torch_compile() -> None:
         pass
 
 
-def torch_compile(fn, **kwargs):
-    """`torch.compile(fn, **kwargs)` after `teach_torch_compile()`: how megarlhf compiles.
-
-    Two dynamo settings change, for the process: (1) duck sizing is off (by default two
-    dimensions that happen to be equal in the first call, a 32 x 32 microbatch, become
-    one symbol, and the model recompiles when a later microbatch has rows != length);
-    (2) the per-function recompile limit rises from 8 to 64: every model instance and
-    grad mode is one more compiled entry of the same `GPTModel.forward` (PPO alone has six:
-    actor and critic training and scoring, reference, reward model), and past the limit
-    dynamo runs the function eagerly, silently."""
-    teach_torch_compile()
-    try:
-        import torch.fx.experimental._config as fx_config
-
-        fx_config.use_duck_shape = False
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    except (ImportError, AttributeError):
-        pass
-    return torch.compile(fn, **kwargs)
-
-
 def is_installed() -> bool:
     return _INSTALLED

@@ -47,6 +47,7 @@ import torch.distributed as dist
 from megatron.core.inference.contexts import StaticInferenceContext
 
 from megarlhf.models.attention import FixedShapeDecodeContext, sdpa_twins
+from megarlhf.models.compile import torch_compile
 from megarlhf.parallel import cpu_compat
 from megarlhf.parallel.layout import RoleGroups
 from megarlhf.rollout.sampling import SamplingParams, row_uniforms, sample_tokens
@@ -123,7 +124,7 @@ class GenerationEngine:
         self.compile = compile
         self._compiled_logits = None
         if compile:
-            self._compiled_logits = cpu_compat.torch_compile(self._logits)
+            self._compiled_logits = torch_compile(self._logits)
         self.graphs_captured = 0  # decode-step CUDA graphs captured so far (one per generate call)
 
     def _logits(self, tokens: torch.Tensor, positions: torch.Tensor, ctx, mask: torch.Tensor | None = None) -> torch.Tensor:

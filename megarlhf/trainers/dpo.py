@@ -28,9 +28,9 @@ import torch.distributed as dist
 from megarlhf.algorithms import dpo_loss, rpo_term, sequence_logps
 from megarlhf.checkpoint.dist_ckpt import load_model_weights, resolve_checkpoint
 from megarlhf.data import PromptDataset, collate_preference
-from megarlhf.engine.engine import compile_model
 from megarlhf.engine.schedule import run_microbatches
 from megarlhf.models.backbone import build_model
+from megarlhf.models.compile import compile_model
 from megarlhf.models.logprobs import logprobs_and_entropy
 from megarlhf.parallel import Layout
 from megarlhf.parallel.collect import gather_rows, is_row_owner, shard_rows

@@ -37,9 +37,10 @@ from megarlhf.checkpoint.dist_ckpt import (
 )
 from megarlhf.config import ConfigError, ModelConfig, RolloutConfig
 from megarlhf.data import ChatTemplate, PromptDataset, ShardedSampler, load_tokenizer
-from megarlhf.engine.engine import TrainEngine, compile_model
+from megarlhf.engine.engine import TrainEngine
 from megarlhf.engine.schedule import run_microbatches
 from megarlhf.models.backbone import build_model
+from megarlhf.models.compile import compile_model
 from megarlhf.models.logprobs import logprobs_and_entropy
 from megarlhf.parallel import Layout, RoleGroups, build_parallel_context, init_distributed, seed_all
 from megarlhf.parallel.collect import gather_rows, is_row_owner, shard_rows

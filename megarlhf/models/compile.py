@@ -1,0 +1,49 @@
+"""torch.compile of model forwards: how megarlhf compiles (train.compile, generation.compile).
+
+Layer: models/. One place for the settings every compiled forward needs, used by the
+training engine (trained models), the trainers (frozen models that score) and the rollout
+engine (its decode step).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megarlhf.config import ConfigError
+from megarlhf.parallel import cpu_compat
+from megarlhf.parallel.layout import RoleGroups
+
+
+def torch_compile(fn, **kwargs):
+    """`torch.compile(fn, **kwargs)`, after teaching dynamo the CPU layer's stand-ins.
+
+    Two dynamo settings change, for the process: (1) duck sizing is off (by default two
+    dimensions that happen to be equal in the first call, a 32 x 32 microbatch, become
+    one symbol, and the model recompiles when a later microbatch has rows != length);
+    (2) the per-function recompile limit rises from 8 to 64: every model instance and
+    grad mode is one more compiled entry of the same `GPTModel.forward` (PPO alone has six:
+    actor and critic training and scoring, reference, reward model), and past the limit
+    dynamo runs the function eagerly, silently."""
+    cpu_compat.teach_torch_compile()
+    try:
+        import torch.fx.experimental._config as fx_config
+
+        fx_config.use_duck_shape = False
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    except (ImportError, AttributeError):
+        pass
+    return torch.compile(fn, **kwargs)
+
+
+def compile_model(model: torch.nn.Module, groups: RoleGroups, what: str) -> torch.nn.Module:
+    """`model` (a GPTModel) through torch.compile with dynamic shapes, for `run_microbatches(
+    forward=...)`: train.compile's path for trained and frozen models alike. Pipeline
+    stages (p2p tensors between microbatches) and activation recompute (a forward replayed
+    inside backward) stay eager: a config error, not a silent fallback."""
+    if groups.layout.pp > 1 or model.config.recompute_granularity is not None:
+        raise ConfigError(
+            f"train.compile needs pipeline-parallel size 1 and no activation recompute; {what} has "
+            f"layout {groups.layout}, recompute {model.config.recompute_granularity!r}: "
+            "set train.compile=false (or give it a layout with pp=1)"
+        )
+    return torch_compile(model, dynamic=True)
