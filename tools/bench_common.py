@@ -58,10 +58,15 @@ def parse_iteration_args(p: argparse.ArgumentParser, argv, yaml: str, trl_python
     p.add_argument("--trl-python", default=trl_python, help=trl_python_help)
     p.add_argument("--skip-trl", action="store_true", help="run only megarlhf")
     p.add_argument("--threads", type=int, default=2, help="torch threads on both sides (OMP_NUM_THREADS)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run megarlhf then TRL this many times, each in fresh processes; the table shows the "
+                        "round with the median ratio, a line lists every round (default 1; 3+ on a noisy machine)")
     p.add_argument("--json", default=None, help="also write settings and figures to this file")
     args = p.parse_args(argv)  # fmt: skip
     if args.iterations <= args.warmup:
         p.error(f"--iterations {args.iterations} must exceed --warmup {args.warmup}")
+    if args.rounds < 1:
+        p.error(f"--rounds {args.rounds}: must be at least 1")
     return args
 
 
@@ -94,19 +99,49 @@ def run_measured(cmd: list[str], log: Path, env: dict) -> float:
 
 
 def measure_both_sides(algo: str, args, run_megarlhf, run_trl) -> tuple[dict, dict | None]:
-    """Calls run_megarlhf(), then run_trl() unless --skip-trl, each after announcing it and
-    checking that the machine is idle; each side's figures get the busy cores seen before it."""
-    print(f"[{algo}] megarlhf: {args.iterations} iterations ...", flush=True)
-    busy = check_idle(args.threads, f"megarlhf {algo}")
-    ours = run_megarlhf()
-    ours["busy_cores"] = busy
-    trl = None
-    if not args.skip_trl:
-        print(f"[{algo}] TRL: {args.iterations} iterations ...", flush=True)
-        busy = check_idle(args.threads, f"TRL {algo}")
-        trl = run_trl()
-        trl["busy_cores"] = busy
+    """--rounds times: run_megarlhf(), then run_trl() unless --skip-trl, each after
+    announcing it and checking that the machine is idle; each side's figures get the busy
+    cores seen before it. Returns the round with the median iteration-throughput ratio
+    (TRL's seconds per iteration / megarlhf's; without TRL, megarlhf's median seconds per
+    iteration), the lower median of an even count; with several rounds, megarlhf's figures
+    also hold "rounds": every round's seconds per iteration, ratio and peak RSS."""
+    rounds = []
+    for r in range(args.rounds):
+        of = f" (round {r + 1} of {args.rounds})" if args.rounds > 1 else ""
+        print(f"[{algo}] megarlhf: {args.iterations} iterations{of} ...", flush=True)
+        busy = check_idle(args.threads, f"megarlhf {algo}")
+        ours = run_megarlhf()
+        ours["busy_cores"] = busy
+        trl = None
+        if not args.skip_trl:
+            print(f"[{algo}] TRL: {args.iterations} iterations{of} ...", flush=True)
+            busy = check_idle(args.threads, f"TRL {algo}")
+            trl = run_trl()
+            trl["busy_cores"] = busy
+        rounds.append((ours, trl))
+    if len(rounds) == 1:
+        return rounds[0]
+    summary = [round_summary(ours, trl) for ours, trl in rounds]
+    if args.skip_trl:  # slowest first: the upper median of seconds is the lower median of speed
+        order = sorted(range(len(rounds)), key=lambda i: -summary[i]["megarlhf_seconds_per_iteration"])
+    else:
+        order = sorted(range(len(rounds)), key=lambda i: summary[i]["iteration_throughput_ratio"])
+    pick = order[(len(rounds) - 1) // 2]
+    ours, trl = rounds[pick]
+    ours["rounds"] = summary
+    ours["round_shown"] = pick + 1
     return ours, trl
+
+
+def round_summary(ours: dict, trl: dict | None) -> dict:
+    """One round's headline figures (see measure_both_sides)."""
+    out = {"megarlhf_seconds_per_iteration": ours["seconds_per_iteration"], "megarlhf_peak_rss_mib": ours["peak_rss_mib"]}
+    if trl:
+        out.update(
+            trl_seconds_per_iteration=trl["seconds_per_iteration"], trl_peak_rss_mib=trl["peak_rss_mib"],
+            iteration_throughput_ratio=trl["seconds_per_iteration"] / ours["seconds_per_iteration"],
+        )  # fmt: skip
+    return out
 
 
 def run_megarlhf_iterations(algo: str, yaml: str, cfg, overrides: list[str], work: Path, env: dict):
@@ -217,12 +252,23 @@ def print_phases(ours: dict, trl: dict | None, trl_score_note: str) -> None:
 
 
 def print_busy_and_versions(ours: dict, trl: dict | None) -> None:
-    """The table's last line: cores busy before each run and, with TRL, its versions."""
+    """The table's last lines: cores busy before each run and, with TRL, its versions;
+    with --rounds > 1, every round's figures."""
     busy = f"cores busy with other work just before the runs: megarlhf {ours['busy_cores']:.1f}"
     if trl:
         v = trl["versions"]
         busy += f", TRL {trl['busy_cores']:.1f}; TRL {v['trl']}, transformers {v['transformers']}, torch {v['torch']}"
     print(busy)
+    if "rounds" not in ours:
+        return
+    print(f"\n{len(ours['rounds'])} rounds (the table shows round {ours['round_shown']}, the median"
+          + (" ratio):" if trl else "):"))
+    for i, r in enumerate(ours["rounds"], 1):
+        line = f"  round {i}: megarlhf {r['megarlhf_seconds_per_iteration']:.2f} s/iteration, {r['megarlhf_peak_rss_mib']:.0f} MiB"
+        if trl:
+            line += (f"; TRL {r['trl_seconds_per_iteration']:.2f} s/iteration, {r['trl_peak_rss_mib']:.0f} MiB; "
+                     f"iteration throughput {r['iteration_throughput_ratio']:.2f}x")  # fmt: skip
+        print(line)
 
 
 def write_json(args, overrides: list[str], ours: dict, trl: dict | None, ratio: dict | None) -> None:

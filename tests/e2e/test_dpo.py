@@ -52,8 +52,8 @@ def test_dpo_bad_configs_exit_2(task_data, weak_sft, tmp_path):
 
 
 def test_dpo_steps_match_single_rank_at_tp2_pp2_dp2(task_data, weak_sft, tmp_path):
-    """5 DPO steps (policy and its reference both sharded) give the single-rank losses;
-    so do reference log-probs precomputed at the reference's own layout (TP2 or PP2 under a
+    """5 DPO steps (policy and its reference both sharded at TP2 or PP2) give the
+    single-rank losses; so do reference log-probs precomputed at the reference's own layout (TP2 or PP2 under a
     DP2 policy, PP1 under a PP2 policy), policy and reference through torch.compile, and a
     precomputing run stopped after 3 steps and resumed, which reads them back from the run
     directory."""
@@ -69,7 +69,6 @@ def test_dpo_steps_match_single_rank_at_tp2_pp2_dp2(task_data, weak_sft, tmp_pat
     for name, layout in (
         ("tp2", ["layout.tp=2"]),
         ("pp2", ["layout.pp=2"]),
-        ("dp2", []),
         ("dp2_precomputed_reference_tp2", [precompute, "reference_layout.tp=2"]),
         ("pp2_precomputed_reference_pp1", [precompute, "layout.pp=2", "reference_layout.pp=1"]),
         # forward-only microbatches of up to 64 pairs: at PP2 the largest even split (60) is used
