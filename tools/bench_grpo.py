@@ -3,6 +3,7 @@
 
     python tools/bench_grpo.py                                  # 10 iterations per side, first 2 skipped
     python tools/bench_grpo.py --iterations 4 --warmup 1 --json out.json
+    python tools/bench_grpo.py --rounds 3                       # alternate the sides 3 times; show the median round
     python tools/bench_grpo.py --skip-trl --set train.global_batch_size=8
 
 Same policy, prompts, reward and GRPO settings on both sides: the tiny Llama of
@@ -76,7 +77,9 @@ Differences left in (each side's own behaviour):
     megarlhf takes full logits over every position of a microbatch cut to its longest row.
   - optimizers: Megatron's Adam (megarlhf) vs TRL's default AdamW.
 On a 2-core machine any other load makes 2-thread figures meaningless (a warning is
-printed): run it idle.
+printed): run it idle. Even idle, a process's speed can differ from the next one's by up
+to 2x on a shared virtual machine (the same work, steady within each process): --rounds
+alternates the two sides in fresh processes and shows the round with the median ratio.
 """
 
 from __future__ import annotations
