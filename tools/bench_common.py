@@ -102,7 +102,7 @@ def measure_both_sides(algo: str, args, run_megarlhf, run_trl) -> tuple[dict, di
     """--rounds times: run_megarlhf(), then run_trl() unless --skip-trl, each after
     announcing it and checking that the machine is idle; each side's figures get the busy
     cores seen before it. Returns the round with the median iteration-throughput ratio
-    (TRL's seconds per iteration / megarlhf's; without TRL, megarlhf's median seconds per
+    (TRL's seconds per iteration / megarlhf's; without TRL, megarlhf's seconds per
     iteration), the lower median of an even count; with several rounds, megarlhf's figures
     also hold "rounds": every round's seconds per iteration, ratio and peak RSS."""
     rounds = []

@@ -53,10 +53,10 @@ def test_dpo_bad_configs_exit_2(task_data, weak_sft, tmp_path):
 
 def test_dpo_steps_match_single_rank_at_tp2_pp2_dp2(task_data, weak_sft, tmp_path):
     """5 DPO steps (policy and its reference both sharded at TP2 or PP2) give the
-    single-rank losses; so do reference log-probs precomputed at the reference's own layout (TP2 or PP2 under a
-    DP2 policy, PP1 under a PP2 policy), policy and reference through torch.compile, and a
-    precomputing run stopped after 3 steps and resumed, which reads them back from the run
-    directory."""
+    single-rank losses; so do reference log-probs precomputed at the reference's own
+    layout (TP2 or PP2 under a DP2 policy, PP1 under a PP2 policy), policy and reference
+    through torch.compile, and a precomputing run stopped after 3 steps and resumed, which
+    reads them back from the run directory."""
     common = [
         "dpo", "--config", DPO, *data_overrides(task_data, "prefs_train"), "data.eval_file=", "win_rate_prompts=",
         f"init_from={weak_sft}", "train.max_steps=5", "optim.adam_epsilon=1e-4",
