@@ -122,11 +122,8 @@ def measure_both_sides(algo: str, args, run_megarlhf, run_trl) -> tuple[dict, di
     if len(rounds) == 1:
         return rounds[0]
     summary = [round_summary(ours, trl) for ours, trl in rounds]
-    if args.skip_trl:  # slowest first: the upper median of seconds is the lower median of speed
-        order = sorted(range(len(rounds)), key=lambda i: -summary[i]["megarlhf_seconds_per_iteration"])
-    else:
-        order = sorted(range(len(rounds)), key=lambda i: summary[i]["iteration_throughput_ratio"])
-    pick = order[(len(rounds) - 1) // 2]
+    speed = [s.get("iteration_throughput_ratio", 1 / s["megarlhf_seconds_per_iteration"]) for s in summary]
+    pick = sorted(range(len(rounds)), key=speed.__getitem__)[(len(rounds) - 1) // 2]
     ours, trl = rounds[pick]
     ours["rounds"] = summary
     ours["round_shown"] = pick + 1
@@ -252,13 +249,16 @@ def print_phases(ours: dict, trl: dict | None, trl_score_note: str) -> None:
 
 
 def print_busy_and_versions(ours: dict, trl: dict | None) -> None:
-    """The table's last lines: cores busy before each run and, with TRL, its versions;
-    with --rounds > 1, every round's figures."""
+    """The table's last line: cores busy before each run and, with TRL, its versions."""
     busy = f"cores busy with other work just before the runs: megarlhf {ours['busy_cores']:.1f}"
     if trl:
         v = trl["versions"]
         busy += f", TRL {trl['busy_cores']:.1f}; TRL {v['trl']}, transformers {v['transformers']}, torch {v['torch']}"
     print(busy)
+
+
+def print_rounds(ours: dict, trl: dict | None) -> None:
+    """With --rounds > 1: every round's seconds per iteration, peak RSS and ratio."""
     if "rounds" not in ours:
         return
     print(f"\n{len(ours['rounds'])} rounds (the table shows round {ours['round_shown']}, the median"

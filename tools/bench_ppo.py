@@ -87,7 +87,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import (  # noqa: E402
     SECONDS_ROWS, TOKENS_ROWS, exit_if_unmapped, iteration_parser, measure_both_sides, megarlhf_iterations,
-    parse_iteration_args, print_busy_and_versions, print_figures, print_phases, run_megarlhf_iterations,
+    parse_iteration_args, print_busy_and_versions, print_figures, print_phases, print_rounds, run_megarlhf_iterations,
     run_trl_baseline, summarize_megarlhf, write_json, write_prompts,
 )  # fmt: skip
 from bench_vs_trl import export_hf, prepare_work, run_logged  # noqa: E402
@@ -205,6 +205,7 @@ def print_table(ours: dict, trl: dict | None, cfg, args) -> None:
         f"{args.iterations} iterations per side, first {args.warmup} skipped; {args.threads} threads; float32 CPU"
     )
     print_busy_and_versions(ours, trl)
+    print_rounds(ours, trl)
 
 
 def main(argv=None) -> int:
