@@ -15,6 +15,11 @@ eagerly). --compile runs megarlhf's decode step through torch.compile
 (generation.compile=true); --hf-compile gives transformers the same: its static cache
 and compiled forward (on CPU too). The warm-up call, which pays any compile, is
 reported separately ("first call").
+
+--profile runs one more call of each side under torch.profiler and reports the seconds
+spent in matrix-product kernels (aten::mm/addmm/bmm, self time): both sides multiply the
+same weights, so HF's best time over its own matmul time bounds the ratio any engine can
+reach on these weights without changing the arithmetic ("ratio bound").
 """
 
 from __future__ import annotations
@@ -46,6 +51,8 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="megarlhf: generation.compile=true")
     p.add_argument("--hf-compile", action="store_true", help="transformers: static cache + compiled forward")
     p.add_argument("--bf16", action="store_true", help="GPU: both sides in bfloat16")
+    p.add_argument("--profile", action="store_true",
+                   help="also time each side's matrix products (one profiled call) and print the ratio bound")
     p.add_argument("--json", default=None, help="also write the figures here")
     return p.parse_args(argv)
 
@@ -68,6 +75,24 @@ def timed(fn, repeats: int) -> tuple[float, float, object]:
         seconds, out = _clock(fn)
         best = min(best, seconds)
     return first, best, out
+
+
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm")
+
+
+def matmul_seconds(fn) -> float:
+    """Self time of the matrix-product kernels in one call of `fn` (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.key in MATMUL_OPS]
+    if torch.cuda.is_available():
+        return sum(e.self_device_time_total for e in events) / 1e6
+    return sum(e.self_cpu_time_total for e in events) / 1e6
 
 
 def main(argv=None) -> None:
@@ -130,10 +155,19 @@ def main(argv=None) -> None:
         hf_first, hf_s, hf_out = timed(hf_generate, args.repeats)
         same = torch.equal(ours.tokens[:, : args.prompt + args.new], hf_out.cpu())
         tokens = b * args.new
+        profiled = {}
+        if args.profile:
+            ours_mm = matmul_seconds(lambda: engine.generate(prompts.tolist(), params, [0] * b))
+            hf_mm = matmul_seconds(hf_generate)
+            profiled = {
+                "megarlhf_matmul_s": round(ours_mm, 4), "hf_matmul_s": round(hf_mm, 4),
+                "megarlhf_matmul_share": round(ours_mm / ours_s, 3), "hf_matmul_share": round(hf_mm / hf_s, 3),
+                "ratio_bound": round(hf_s / hf_mm, 2) if hf_mm > 0 else None,
+            }  # fmt: skip
         rows.append({
             "batch": b, "megarlhf_tokens_per_s": round(tokens / ours_s, 1),
             "hf_tokens_per_s": round(tokens / hf_s, 1), "ratio": round(hf_s / ours_s, 2), "same_greedy_tokens": same,
-            "megarlhf_first_call_s": round(ours_first, 2), "hf_first_call_s": round(hf_first, 2),
+            "megarlhf_first_call_s": round(ours_first, 2), "hf_first_call_s": round(hf_first, 2), **profiled,
         })  # fmt: skip
         print(json.dumps(rows[-1]), flush=True)
 
@@ -147,6 +181,14 @@ def main(argv=None) -> None:
         first = f"{r['megarlhf_first_call_s']:.2f} / {r['hf_first_call_s']:.2f}"
         print(f"{r['batch']:>5}  {r['megarlhf_tokens_per_s']:>14,.0f}  {r['hf_tokens_per_s']:>17,.0f}  "
               f"{r['ratio']:>5.2f}x  {first:>24}  {r['same_greedy_tokens']}")  # fmt: skip
+    if args.profile:
+        print("\nmatrix products (aten::mm/addmm/bmm self time, one profiled call; share of the best call's time):")
+        header = f"{'batch':>5}  {'megarlhf s':>10}  {'share':>5}  {'HF s':>6}  {'share':>5}"
+        print(f"{header}  ratio bound (HF time / HF matmul time)")
+        for r in rows:
+            bound = f"{r['ratio_bound']:.2f}x" if r["ratio_bound"] else "-"
+            print(f"{r['batch']:>5}  {r['megarlhf_matmul_s']:>10.3f}  {r['megarlhf_matmul_share']:>5.0%}  "
+                  f"{r['hf_matmul_s']:>6.3f}  {r['hf_matmul_share']:>5.0%}  {bound}")  # fmt: skip
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

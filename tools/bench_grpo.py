@@ -20,8 +20,8 @@ task and its rule reward, one process, float32, --threads threads. Steps:
      write megarlhf's tokenization of the prompts as id text (tools/trl_baseline.py's
      placeholder tokenizer encodes it back to the same ids) with the prompt's user text
      for the reward, run tools/trl_grpo_baseline.py with --trl-python (a virtualenv with
-     TRL 1.16; it never imports megarlhf) on the same settings; its peak RSS is its own
-     ru_maxrss;
+     TRL 1.16 and sentencepiece, for the reward; it never imports megarlhf) on the same
+     settings; its peak RSS is its own ru_maxrss;
   5. print a table and write --json if asked.
 
 Definitions (megarlhf's metrics.jsonl, reproduced by the TRL side):
@@ -104,7 +104,8 @@ RULE = "megarlhf.data.synthetic:sort_reward_batch"  # re-implemented in tools/tr
 def parse_args(argv=None):
     p = iteration_parser(__doc__, "grpo", "runs, logs, HF export and TRL's JSONL go here")
     p.add_argument("--sft-steps", type=int, default=40, help="SFT steps when training one (default 40)")
-    return parse_iteration_args(p, argv, GRPO_YAML, "/tmp/trlvenv/bin/python", "python of a virtualenv with TRL 1.16")
+    trl_help = "python of a virtualenv with TRL 1.16 and sentencepiece"
+    return parse_iteration_args(p, argv, GRPO_YAML, "/tmp/trlvenv/bin/python", trl_help)
 
 
 def grpo_config(args, work: Path, data_dir: Path, tokenizer: Path, sft: Path):

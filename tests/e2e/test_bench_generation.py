@@ -1,6 +1,7 @@
 """tools/bench_generation.py end to end on a tiny Llama: transformers' own greedy
 `generate` on the same weights is the oracle for the engine's tokens, here through the
-compiled decode step (generation.compile)."""
+compiled decode step (generation.compile); --profile's matrix-product times are parts of
+each side's call."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ def test_bench_generation_compiled_matches_transformers(tmp_path):
     out = run([
         sys.executable, "tools/bench_generation.py", "--layers", "2", "--hidden", "64", "--heads", "4",
         "--kv-heads", "2", "--ffn", "128", "--vocab", "64", "--prompt", "8", "--new", "6",
-        "--batch", "1", "3", "--repeats", "1", "--compile", "--json", str(tmp_path / "gen.json"),
+        "--batch", "1", "3", "--repeats", "1", "--compile", "--profile", "--json", str(tmp_path / "gen.json"),
     ])  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     rows = json.loads((tmp_path / "gen.json").read_text())
@@ -22,4 +23,8 @@ def test_bench_generation_compiled_matches_transformers(tmp_path):
     for r in rows:
         assert r["same_greedy_tokens"], r
         assert r["megarlhf_tokens_per_s"] > 0 and r["hf_tokens_per_s"] > 0
+        # Both sides multiply matrices; HF's best call takes longer than its products alone.
+        assert r["megarlhf_matmul_s"] > 0 and r["hf_matmul_s"] > 0, r
+        assert r["ratio_bound"] > 1, r
     assert "compile=True" in out.stdout
+    assert "ratio bound" in out.stdout
