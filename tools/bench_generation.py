@@ -16,7 +16,7 @@ eagerly). --compile runs megarlhf's decode step through torch.compile
 and compiled forward (on CPU too). The warm-up call, which pays any compile, is
 reported separately ("first call").
 
---profile runs one more call of each side under torch.profiler and reports the seconds
+--profile (CPU) runs one more call of each side under torch.profiler and reports the seconds
 spent in matrix-product kernels (aten::mm/addmm/bmm, self time): both sides multiply the
 same weights, so HF's best time over its own matmul time bounds the ratio any engine can
 reach on these weights without changing the arithmetic ("ratio bound").
@@ -81,22 +81,18 @@ MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm")
 
 
 def matmul_seconds(fn) -> float:
-    """Self time of the matrix-product kernels in one call of `fn` (torch.profiler)."""
+    """Self time of the matrix-product kernels in one call of `fn` (torch.profiler, CPU)."""
     from torch.profiler import ProfilerActivity, profile
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-    events = [e for e in prof.key_averages() if e.key in MATMUL_OPS]
-    if torch.cuda.is_available():
-        return sum(e.self_device_time_total for e in events) / 1e6
-    return sum(e.self_cpu_time_total for e in events) / 1e6
+    return sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in MATMUL_OPS) / 1e6
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.profile and torch.cuda.is_available():
+        raise SystemExit("--profile times CPU kernels only; on a GPU use nsys or torch.profiler with CUDA activity")
     torch.set_num_threads(args.threads)
     from transformers import LlamaConfig, LlamaForCausalLM
 
