@@ -29,9 +29,11 @@ def torch_compile(fn, **kwargs):
         import torch.fx.experimental._config as fx_config
 
         fx_config.use_duck_shape = False
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    except (ImportError, AttributeError):
+    except (ImportError, AttributeError):  # an older torch: duck sizing stays on (more recompiles, same results)
         pass
+    dynamo = torch._dynamo.config
+    limit = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"  # older torch's name
+    setattr(dynamo, limit, max(getattr(dynamo, limit), 64))
     return torch.compile(fn, **kwargs)
 
 
