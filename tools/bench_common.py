@@ -50,9 +50,13 @@ def iteration_parser(doc: str, algo: str, work_dir_help: str) -> argparse.Argume
     return p
 
 
-def parse_iteration_args(p: argparse.ArgumentParser, argv, yaml: str, trl_python: str, trl_python_help: str):
-    """Adds the arguments both benchmarks end with (--set .. --json), parses `argv` and
-    checks that --iterations exceeds --warmup."""
+def parse_iteration_args(
+    p: argparse.ArgumentParser, argv, yaml: str, trl_python: str, trl_python_help: str, trl_imports: str
+):
+    """Adds the arguments both benchmarks end with (--set .. --json), parses `argv`,
+    checks that --iterations exceeds --warmup and, unless --skip-trl, that --trl-python
+    runs `trl_imports` (the TRL side's imports): a missing package then stops the
+    benchmark before megarlhf's runs, not after them."""
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help=f"further override of {yaml} (repeatable); the TRL side follows the mapped fields")
     p.add_argument("--trl-python", default=trl_python, help=trl_python_help)
@@ -67,6 +71,15 @@ def parse_iteration_args(p: argparse.ArgumentParser, argv, yaml: str, trl_python
         p.error(f"--iterations {args.iterations} must exceed --warmup {args.warmup}")
     if args.rounds < 1:
         p.error(f"--rounds {args.rounds}: must be at least 1")
+    if not args.skip_trl:
+        fix = f"it must be the {trl_python_help} (or pass --skip-trl)"
+        try:
+            probe = subprocess.run([args.trl_python, "-c", trl_imports], capture_output=True, text=True)
+        except OSError as e:
+            p.error(f"--trl-python {args.trl_python}: {e.strerror}; {fix}")
+        if probe.returncode != 0:
+            last = (probe.stderr.strip().splitlines() or ["no output"])[-1]
+            p.error(f"--trl-python {args.trl_python} cannot run `{trl_imports}`: {last}; {fix}")
     return args
 
 

@@ -105,7 +105,8 @@ def parse_args(argv=None):
     p = iteration_parser(__doc__, "grpo", "runs, logs, HF export and TRL's JSONL go here")
     p.add_argument("--sft-steps", type=int, default=40, help="SFT steps when training one (default 40)")
     trl_help = "python of a virtualenv with TRL 1.16 and sentencepiece"
-    return parse_iteration_args(p, argv, GRPO_YAML, "/tmp/trlvenv/bin/python", trl_help)
+    return parse_iteration_args(p, argv, GRPO_YAML, "/tmp/trlvenv/bin/python", trl_help,
+                                "import datasets, sentencepiece, transformers, trl")  # fmt: skip
 
 
 def grpo_config(args, work: Path, data_dir: Path, tokenizer: Path, sft: Path):

@@ -103,7 +103,9 @@ def parse_args(argv=None):
     p.add_argument("--rm-steps", type=int, default=100, help="reward-model steps when training one (default 100)")
     p.add_argument("--num-mini-batches", type=int, default=1,
                    help="ppo.num_mini_batches on both sides (default 1: see 'Settings mapped' above)")
-    return parse_iteration_args(p, argv, PPO_YAML, "/tmp/trlppo/bin/python", "python of a virtualenv with trl==1.12.0")
+    trl_imports = "import datasets, transformers; from trl.experimental.ppo import PPOTrainer"
+    trl_help = "python of a virtualenv with trl==1.12.0"
+    return parse_iteration_args(p, argv, PPO_YAML, "/tmp/trlppo/bin/python", trl_help, trl_imports)
 
 
 def train_policy_and_rm(args, work: Path, data_dir: Path, tokenizer: Path, env: dict) -> tuple[Path, Path]:

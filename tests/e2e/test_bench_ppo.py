@@ -1,5 +1,6 @@
 """tools/bench_ppo.py end to end on the megarlhf side only (--skip-trl): it trains the
-SFT and reward model it starts from, runs PPO through the CLI and prints its figures."""
+SFT and reward model it starts from, runs PPO through the CLI and prints its figures; and
+both iteration benchmarks refuse an unusable --trl-python before any run."""
 
 from __future__ import annotations
 
@@ -46,3 +47,17 @@ def test_bench_ppo_prints_its_figures(task_data, tmp_path):
         "--set", "train.global_batch_size=16", "--set", "generation.response_length=8",
         "--set", "ppo.num_ppo_epochs=1",
     ])  # fmt: skip
+
+
+def test_bench_ppo_and_grpo_reject_a_trl_python_before_any_run(tmp_path):
+    """A --trl-python that cannot run the TRL side stops the benchmark at once (exit 2, what
+    to pass instead), before the minutes of megarlhf set-up and runs it would come after."""
+    for script in ("bench_ppo.py", "bench_grpo.py"):
+        work = tmp_path / script
+        out = subprocess.run(
+            [sys.executable, f"tools/{script}", "--trl-python", str(tmp_path / "no-python"), "--work-dir", str(work)],
+            cwd=REPO, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert out.returncode == 2, out.stderr[-2000:]
+        assert "--trl-python" in out.stderr and "--skip-trl" in out.stderr, out.stderr[-2000:]
+        assert not work.exists()
