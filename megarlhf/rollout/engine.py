@@ -196,7 +196,8 @@ class GenerationEngine:
         if left:  # causal, padding keys hidden (a padding query sees itself: no empty rows)
             causal = torch.ones(start, start, dtype=torch.bool, device=device).triu(1)
             mask = causal | (blocked_keys[..., :start] & ~torch.eye(start, dtype=torch.bool, device=device))
-        logits = self._logits(tokens[:, :start], positions[:, :start], ctx, mask)
+        prefill = self._compiled_logits or self._logits  # compiled: one more graph (prefill mode)
+        logits = prefill(tokens[:, :start], positions[:, :start], ctx, mask)
         ctx.increment_sequence_len_offset(start)
         step = _FixedShapeStep(self, ctx, blocked_keys) if fixed else None
         for t in range(start, total):
