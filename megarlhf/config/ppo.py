@@ -46,10 +46,11 @@ class GenerationConfig:
     per-token kernels (attention in decode steps: torch SDPA, whatever the model trains
     with). On CPU the same fixed-shape decode step runs eagerly."""
     compile: bool = False
-    """Run the fixed-shape decode step through torch.compile (Inductor). The first rollout
-    pays the compile (~10-20 s for a small model on CPU; one more for a second batch shape,
-    then none), after which decode steps run ~3x faster on CPU at the examples' size. Worth
-    it for runs of more than a few minutes; with cuda_graphs the compiled step is captured."""
+    """Run the prefill and the fixed-shape decode step through torch.compile (Inductor). The
+    first rollout pays the compile (~10-30 s for a small model on CPU; one more for a second
+    batch shape, then none), after which decode steps run ~3x faster on CPU at the examples'
+    size. Worth it for runs of more than a few minutes; with cuda_graphs the compiled step is
+    captured."""
 
     def __post_init__(self):
         if self.old_logprobs not in ("engine", "recompute"):

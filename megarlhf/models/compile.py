@@ -2,7 +2,7 @@
 
 Layer: models/. One place for the settings every compiled forward needs, used by the
 training engine (trained models), the trainers (frozen models that score) and the rollout
-engine (its decode step).
+engine (its prefill and decode step).
 """
 
 from __future__ import annotations

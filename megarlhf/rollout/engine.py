@@ -26,11 +26,11 @@ check it against the default path).
 
 With `compile=True` the same fixed-shape decode step goes through `torch.compile`
 (Inductor): fused elementwise kernels and one compiled call per token instead of the
-layer-by-layer Python of Megatron's modules. The first `generate` pays the compile
-(~10–20 s for a small model on CPU; a second shape compiles once more, with dynamic
-batch and length, and then no more); afterwards a decode step of the examples' 0.6M
-model runs ~3x faster on CPU. With `cuda_graphs` too, the compiled step is what the
-graph captures.
+layer-by-layer Python of Megatron's modules; the prefill is a second compiled graph. The
+first `generate` pays the compile (~10–30 s for a small model on CPU; a second shape
+compiles once more, with dynamic batch and length, and then no more); afterwards a decode
+step of the examples' 0.6M model runs ~3x faster on CPU. With `cuda_graphs` too, the
+compiled step is what the graph captures.
 
 Returned log-probs are those of the sampled tokens under softmax(logits / T) over the
 whole (unpadded) vocabulary — exactly what the trainer recomputes, so PPO's first
