@@ -127,6 +127,12 @@ class GenerationEngine:
             self._compiled_logits = torch_compile(self._logits)
         self.graphs_captured = 0  # decode-step CUDA graphs captured so far (one per generate call)
 
+    @property
+    def _forward_logits(self):
+        """`_logits` through torch.compile under `compile=True` (prefill and fixed-shape
+        decode steps: a graph each), else `_logits` itself."""
+        return self._compiled_logits or self._logits
+
     def _logits(self, tokens: torch.Tensor, positions: torch.Tensor, ctx, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Last-position logits [B, V] (true vocabulary only), gathered over TP. `mask`:
         [B, 1, sq, sk], True where attention is blocked."""
@@ -196,8 +202,7 @@ class GenerationEngine:
         if left:  # causal, padding keys hidden (a padding query sees itself: no empty rows)
             causal = torch.ones(start, start, dtype=torch.bool, device=device).triu(1)
             mask = causal | (blocked_keys[..., :start] & ~torch.eye(start, dtype=torch.bool, device=device))
-        prefill = self._compiled_logits or self._logits  # compiled: one more graph (prefill mode)
-        logits = prefill(tokens[:, :start], positions[:, :start], ctx, mask)
+        logits = self._forward_logits(tokens[:, :start], positions[:, :start], ctx, mask)
         ctx.increment_sequence_len_offset(start)
         step = _FixedShapeStep(self, ctx, blocked_keys) if fixed else None
         for t in range(start, total):
@@ -274,9 +279,7 @@ class _FixedShapeStep:
         self.use_graph = engine.cuda_graphs and device.type == "cuda"
 
     def _forward(self) -> torch.Tensor:
-        compiled = self.engine._compiled_logits
-        logits = self.engine._logits if compiled is None else compiled
-        return logits(self.tokens, self.positions, self.ctx, self.mask)
+        return self.engine._forward_logits(self.tokens, self.positions, self.ctx, self.mask)
 
     def __call__(self, t: int, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         self.tokens.copy_(tokens)
