@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench_vs_trl import check_idle
+from bench_vs_trl import check_idle, check_trl_python
 
 REPO = Path(__file__).resolve().parent.parent
 PHASES = ("generate", "score", "advantages", "train", "refit")  # megarlhf's time/<phase> of an iteration
@@ -72,14 +72,7 @@ def parse_iteration_args(
     if args.rounds < 1:
         p.error(f"--rounds {args.rounds}: must be at least 1")
     if not args.skip_trl:
-        fix = f"it must be the {trl_python_help} (or pass --skip-trl)"
-        try:
-            probe = subprocess.run([args.trl_python, "-c", trl_imports], capture_output=True, text=True)
-        except OSError as e:
-            p.error(f"--trl-python {args.trl_python}: {e.strerror}; {fix}")
-        if probe.returncode != 0:
-            last = (probe.stderr.strip().splitlines() or ["no output"])[-1]
-            p.error(f"--trl-python {args.trl_python} cannot run `{trl_imports}`: {last}; {fix}")
+        check_trl_python(p, args.trl_python, trl_imports, f"it must be the {trl_python_help} (or pass --skip-trl)")
     return args
 
 

@@ -95,7 +95,22 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.steps <= args.warmup:
         p.error(f"--steps {args.steps} must exceed --warmup {args.warmup}")
+    check_trl_python(p, args.trl_python, "import datasets, tokenizers, transformers, trl",
+                     "it must be the python of a virtualenv with TRL (pip install trl there, with the same torch)")
     return args
+
+
+def check_trl_python(p: argparse.ArgumentParser, trl_python: str, trl_imports: str, fix: str) -> None:
+    """Exit 2 (argparse's usage error, naming `fix`) unless `trl_python` runs `trl_imports`,
+    the TRL side's imports: a missing package then stops a benchmark before megarlhf's
+    set-up and runs, not minutes after them."""
+    try:
+        probe = subprocess.run([trl_python, "-c", trl_imports], capture_output=True, text=True)
+    except OSError as e:
+        p.error(f"--trl-python {trl_python}: {e.strerror}; {fix}")
+    if probe.returncode != 0:
+        last = (probe.stderr.strip().splitlines() or ["no output"])[-1]
+        p.error(f"--trl-python {trl_python} cannot run `{trl_imports}`: {last}; {fix}")
 
 
 def prepare_data(data_dir: Path) -> Path:

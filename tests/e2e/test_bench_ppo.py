@@ -1,6 +1,6 @@
 """tools/bench_ppo.py end to end on the megarlhf side only (--skip-trl): it trains the
 SFT and reward model it starts from, runs PPO through the CLI and prints its figures; and
-both iteration benchmarks refuse an unusable --trl-python before any run."""
+the benchmarks refuse an unusable --trl-python before any run."""
 
 from __future__ import annotations
 
@@ -49,15 +49,22 @@ def test_bench_ppo_prints_its_figures(task_data, tmp_path):
     ])  # fmt: skip
 
 
-def test_bench_ppo_and_grpo_reject_a_trl_python_before_any_run(tmp_path):
+def test_benchmarks_reject_a_trl_python_before_any_run(tmp_path):
     """A --trl-python that cannot run the TRL side stops the benchmark at once (exit 2, what
-    to pass instead), before the minutes of megarlhf set-up and runs it would come after."""
-    for script in ("bench_ppo.py", "bench_grpo.py"):
-        work = tmp_path / script
-        out = subprocess.run(
-            [sys.executable, f"tools/{script}", "--trl-python", str(tmp_path / "no-python"), "--work-dir", str(work)],
-            cwd=REPO, capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
-        assert out.returncode == 2, out.stderr[-2000:]
-        assert "--trl-python" in out.stderr and "--skip-trl" in out.stderr, out.stderr[-2000:]
-        assert not work.exists()
+    to pass instead), before the minutes of megarlhf set-up and runs it would come after:
+    a missing interpreter, and one whose imports fail."""
+    without_trl = tmp_path / "python-without-trl"
+    without_trl.write_text("#!/bin/sh\necho \"ModuleNotFoundError: No module named 'trl'\" >&2\nexit 1\n")
+    without_trl.chmod(0o755)
+    for script in ("bench_ppo.py", "bench_grpo.py", "bench_vs_trl.py"):
+        for python, why in ((tmp_path / "no-python", "No such file"), (without_trl, "No module named 'trl'")):
+            work = tmp_path / script
+            out = subprocess.run(
+                [sys.executable, f"tools/{script}", "--trl-python", str(python), "--work-dir", str(work)],
+                cwd=REPO, capture_output=True, text=True, timeout=120,
+            )  # fmt: skip
+            assert out.returncode == 2, out.stderr[-2000:]
+            assert "--trl-python" in out.stderr and why in out.stderr, out.stderr[-2000:]
+            if script != "bench_vs_trl.py":  # the iteration benchmarks can run without TRL
+                assert "--skip-trl" in out.stderr, out.stderr[-2000:]
+            assert not work.exists()
