@@ -11,7 +11,7 @@ an id outside the vocabulary) with the KV cache on; tokens/s = generated tokens 
 time, best of --repeats, after one warm-up. The greedy outputs are compared as a check.
 On a GPU both run there (the model's dtype is float32 unless --bf16); --cuda-graphs
 replays megarlhf's decode steps from a CUDA graph (on CPU: the same fixed-shape step,
-eagerly). --compile runs megarlhf's decode step through torch.compile
+eagerly). --compile runs megarlhf's prefill and decode step through torch.compile
 (generation.compile=true); --hf-compile gives transformers the same: its static cache
 and compiled forward (on CPU too). The warm-up call, which pays any compile, is
 reported separately ("first call").

@@ -18,7 +18,7 @@ from megarlhf.parallel.layout import RoleGroups
 def torch_compile(fn, **kwargs):
     """`torch.compile(fn, **kwargs)`, after teaching dynamo the CPU layer's stand-ins.
 
-    Four dynamo settings change, for the process:
+    Four compiler settings change (dynamo, then AOTAutograd), for the process:
     (1) duck sizing is off (by default two dimensions that happen to be equal in the first
         call, a 32 x 32 microbatch, become one symbol, and the model recompiles when a
         later microbatch has rows != length);
