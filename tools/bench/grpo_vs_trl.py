@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """GRPO iteration throughput: megarlhf vs Hugging Face TRL's GRPOTrainer on this machine.
 
-    python tools/bench_grpo.py                                  # 10 iterations per side, first 2 skipped
-    python tools/bench_grpo.py --iterations 4 --warmup 1 --json out.json
-    python tools/bench_grpo.py --rounds 3                       # alternate the sides 3 times; show the median round
-    python tools/bench_grpo.py --skip-trl --set train.global_batch_size=8
+    python tools/bench/grpo_vs_trl.py                                  # 10 iterations per side, first 2 skipped
+    python tools/bench/grpo_vs_trl.py --iterations 4 --warmup 1 --json out.json
+    python tools/bench/grpo_vs_trl.py --rounds 3                       # alternate the sides 3 times; show the median round
+    python tools/bench/grpo_vs_trl.py --skip-trl --set train.global_batch_size=8
 
 Same policy, prompts, reward and GRPO settings on both sides: the tiny Llama of
 examples/grpo_tiny.yaml (the policy of examples/sft_tiny.yaml), the synthetic sorting
@@ -17,9 +17,9 @@ task and its rule reward, one process, float32, --threads threads. Steps:
      checkpoint only after the last iteration; read each iteration's figures from its
      metrics.jsonl; peak RSS = ru_maxrss of that child from os.wait4;
   4. export the SFT policy to a Hugging Face folder (tools/convert_megatron_to_hf.py),
-     write megarlhf's tokenization of the prompts as id text (tools/trl_baseline.py's
+     write megarlhf's tokenization of the prompts as id text (tools/bench/trl_common.py's
      placeholder tokenizer encodes it back to the same ids) with the prompt's user text
-     for the reward, run tools/trl_grpo_baseline.py with --trl-python (a virtualenv with
+     for the reward, run tools/bench/trl_grpo.py with --trl-python (a virtualenv with
      TRL 1.16 and sentencepiece, for the reward; it never imports megarlhf) on the same
      settings; its peak RSS is its own ru_maxrss;
   5. print a table and write --json if asked.
@@ -89,16 +89,16 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import (  # noqa: E402
+from vs_trl_common import (  # noqa: E402
     SECONDS_ROWS, TOKENS_ROWS, exit_if_unmapped, iteration_parser, measure_both_sides, megarlhf_iterations,
     parse_iteration_args, pct, print_busy_and_versions, print_figures, print_phases, print_rounds, run_megarlhf_iterations,
     run_trl_baseline, summarize_megarlhf, write_json, write_prompts,
 )  # fmt: skip
-from bench_vs_trl import export_hf, id_text, prepare_work, train_sft  # noqa: E402
+from sft_rm_dpo_vs_trl import export_hf, id_text, prepare_work, train_sft  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 GRPO_YAML = "examples/grpo_tiny.yaml"
-RULE = "megarlhf.data.synthetic:sort_reward_batch"  # re-implemented in tools/trl_grpo_baseline.py
+RULE = "megarlhf.data.synthetic:sort_reward_batch"  # re-implemented in tools/bench/trl_grpo.py
 
 
 def parse_args(argv=None):
@@ -168,7 +168,7 @@ def run_trl(cfg, sft: Path, args, work: Path, env: dict) -> dict:
     rows = write_prompts(cfg, prompts, trl_prompt_row)
     g, gen, train, optim = cfg.grpo, cfg.generation, cfg.train, cfg.optim
     cmd = [
-        args.trl_python, str(REPO / "tools" / "trl_grpo_baseline.py"),
+        args.trl_python, str(REPO / "tools" / "bench" / "trl_grpo.py"),
         "--policy", policy, "--prompts", prompts, "--sp-model", cfg.data.tokenizer,
         "--iterations", args.iterations, "--warmup", args.warmup,
         "--prompts-per-iteration", train.global_batch_size, "--num-generations", g.num_generations,

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Generation throughput: megarlhf's KV-cache engine vs `transformers.generate` on the same weights.
 
-    python tools/bench_generation.py                          # batch 1, 8, 32; ~20M Llama
-    python tools/bench_generation.py --batch 8 --new 64 --layers 2 --hidden 128
+    python tools/bench/generation_vs_hf.py                          # batch 1, 8, 32; ~20M Llama
+    python tools/bench/generation_vs_hf.py --batch 8 --new 64 --layers 2 --hidden 128
 
 A random Llama is built with transformers (no download), saved with `save_pretrained`, and
 loaded into a megarlhf GPTModel through the HF converter, so both sides run identical

@@ -5,8 +5,8 @@ Runs `TrainEngine.train_step` (Megatron DDP + Megatron's Adam, the engine every 
 uses) on random tokens with the SFT loss, at a TP layout under torchrun, and compares the
 memory each rank used with what `megarlhf.plan.memory` predicts for the same shape:
 
-    python tools/bench_memory.py --layers 6 --hidden 512 --heads 8 --ffn 1536 --vocab 1024
-    torchrun --nproc-per-node 2 tools/bench_memory.py --tp 2 ...
+    python tools/bench/memory_vs_plan.py --layers 6 --hidden 512 --heads 8 --ffn 1536 --vocab 1024
+    torchrun --nproc-per-node 2 tools/bench/memory_vs_plan.py --tp 2 ...
 
 What is measured, per rank, relative to a baseline taken after imports, process groups
 and the CPU layer are set up (before the model is built):

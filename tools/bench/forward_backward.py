@@ -4,8 +4,8 @@
 Prints tokens/s and achieved TFLOP/s next to the machine's measured matmul peak (the
 physical limit for this work), so later changes can be compared with it.
 
-    python tools/bench_forward_backward.py                       # ~20M Llama, TP1
-    torchrun --nproc-per-node 2 tools/bench_forward_backward.py --tp 2
+    python tools/bench/forward_backward.py                       # ~20M Llama, TP1
+    torchrun --nproc-per-node 2 tools/bench/forward_backward.py --tp 2
 
 FLOPs are model FLOPs (the MFU convention of Megatron/PaLM): 6 x matmul parameters per
 token (embedding lookup excluded, LM head included) + 12 x layers x seq x hidden per token

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Training throughput of Hugging Face TRL's SFTTrainer / RewardTrainer / DPOTrainer on a tiny Llama.
 
-The baseline half of tools/bench_vs_trl.py; runs in a virtualenv with TRL installed and
-never imports megarlhf or Megatron. Reads JSONL written by bench_vs_trl.py with
+The baseline half of tools/bench/sft_rm_dpo_vs_trl.py; runs in a virtualenv with TRL installed and
+never imports megarlhf or Megatron. Reads JSONL written by sft_rm_dpo_vs_trl.py with
 megarlhf's token ids, so both frameworks train on the same tokens:
   - SFT rows {"input_ids", "completion_mask"}, RM rows {"chosen_ids", "rejected_ids"}:
     pre-tokenized, trained from a fresh model of the given shape;
@@ -13,8 +13,8 @@ megarlhf's token ids, so both frameworks train on the same tokens:
     from megarlhf's SFT run); --rpo-alpha adds TRL's "sft" loss (NLL of the chosen
     answers) with that weight, RPO as megarlhf's rpo_alpha.
 
-    /tmp/trlvenv/bin/python tools/trl_baseline.py --stage sft --data work/trl_sft.jsonl --steps 60
-    /tmp/trlvenv/bin/python tools/trl_baseline.py --stage dpo --data work/trl_dpo.jsonl --policy work/hf/sft
+    /tmp/trlvenv/bin/python tools/bench/trl_sft_rm_dpo.py --stage sft --data work/trl_sft.jsonl --steps 60
+    /tmp/trlvenv/bin/python tools/bench/trl_sft_rm_dpo.py --stage dpo --data work/trl_dpo.jsonl --policy work/hf/sft
 
 Timing, per optimizer step, from a TrainerCallback:
   - wall: previous on_step_end -> this on_step_end. Includes fetching and collating the
@@ -48,7 +48,7 @@ from collections import deque
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from trl_common import read_jsonl, use_threads, versions  # noqa: E402
+from trl_common import build_tokenizer, load_policy, read_jsonl, use_threads, versions  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -92,31 +92,6 @@ def parse_args(argv=None):
     if args.stage == "dpo" and not args.policy:
         p.error("--stage dpo needs --policy (a Hugging Face folder of the SFT policy)")
     return args
-
-
-def build_tokenizer(vocab: int, pad_id: int, eos_id: int, padding_side: str = "right"):
-    """A WordLevel tokenizer with one piece `<id{i}>` per id: TRL wants a processing_class
-    with pad and EOS pieces. It never tokenizes pre-tokenized rows (SFT, RM, PPO prompts);
-    text made of these pieces (DPO, GRPO prompts) splits at every piece and encodes to
-    exactly those ids, with no BOS, EOS or merges, so TRL's own tokenization gives back
-    megarlhf's ids."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    pieces = {f"<id{i}>": i for i in range(vocab)}
-    tok = Tokenizer(models.WordLevel(pieces, unk_token=f"<id{pad_id}>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"<id\d+>"), behavior="isolated")
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token=f"<id{pad_id}>", eos_token=f"<id{eos_id}>", padding_side=padding_side
-    )
-
-
-def load_policy(path: str):
-    """A Hugging Face LlamaForCausalLM folder in float32 with SDPA attention, on CPU."""
-    import torch
-    from transformers import LlamaForCausalLM
-
-    return LlamaForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
 
 
 def build_model(args):

@@ -1,16 +1,16 @@
 #!/usr/bin/env python
 """GRPO iteration throughput of Hugging Face TRL's GRPOTrainer on a tiny Llama.
 
-The baseline half of tools/bench_grpo.py; runs in a virtualenv with TRL (1.16: GRPOTrainer)
+The baseline half of tools/bench/grpo_vs_trl.py; runs in a virtualenv with TRL (1.16: GRPOTrainer)
 and never imports megarlhf or Megatron. The policy is a Hugging Face folder exported from
 megarlhf's SFT run (TRL loads the reference from the same folder). Prompts are JSONL rows
-{"prompt": id text, "prompt_text": str} written by bench_grpo.py: "prompt" is megarlhf's
+{"prompt": id text, "prompt_text": str} written by grpo_vs_trl.py: "prompt" is megarlhf's
 tokenization of the prompt (its chat template) as one `<id{i}>` piece per id, which the
-placeholder tokenizer of tools/trl_baseline.py encodes back to exactly those ids, so both
+placeholder tokenizer of tools/bench/trl_common.py encodes back to exactly those ids, so both
 frameworks generate from the same token ids; "prompt_text" is the user's text the rule
 reward reads.
 
-    /tmp/trlvenv/bin/python tools/trl_grpo_baseline.py --policy sft-hf --prompts prompts.jsonl \\
+    /tmp/trlvenv/bin/python tools/bench/trl_grpo.py --policy sft-hf --prompts prompts.jsonl \\
         --sp-model data/sp.model --iterations 10 --warmup 2
 
 Reward: the synthetic sorting task's rule (megarlhf.data.synthetic.sort_reward_batch,
@@ -58,8 +58,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from trl_baseline import build_tokenizer, load_policy  # noqa: E402
-from trl_common import add_iteration_args, iteration_result, parse_iteration_args, read_jsonl  # noqa: E402
+from trl_common import add_iteration_args, build_tokenizer, iteration_result, load_policy, parse_iteration_args, read_jsonl  # noqa: E402
 from trl_common import count_optimizer_steps, iteration_callback, summarize_iterations, use_threads  # noqa: E402
 
 PHASES = ("generate", "score", "reward", "train")

@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """Throughput of an RLHF stage per phase: PPO, GRPO or DPO, at any size and layout.
 
-    python tools/bench_rlhf.py --stage ppo                              # the tiny example model
-    python tools/bench_rlhf.py --stage grpo --model 20m --steps 6       # ~20M-parameter Llama
-    python tools/bench_rlhf.py --stage ppo --nproc 2 --set layout.tp=2  # 2 ranks (torchrun)
-    python tools/bench_rlhf.py --stage dpo --json out.json
+    python tools/bench/rlhf_phases.py --stage ppo                              # the tiny example model
+    python tools/bench/rlhf_phases.py --stage grpo --model 20m --steps 6       # ~20M-parameter Llama
+    python tools/bench/rlhf_phases.py --stage ppo --nproc 2 --set layout.tp=2  # 2 ranks (torchrun)
+    python tools/bench/rlhf_phases.py --stage dpo --json out.json
 
 Runs --steps iterations (PPO/GRPO: generate .. refit; DPO: optimizer steps) of
 examples/<stage>_tiny.yaml plus --set overrides, in a fresh `torchrun` world of --nproc
@@ -45,7 +45,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(REPO))
 
@@ -89,7 +89,7 @@ def clean_env(threads: int) -> dict:
 
 def prepare(args, work: Path, env: dict) -> list[str]:
     """Data, tokenizer, SFT (and RM) runs at the --model size; returns the stage's overrides."""
-    from bench_vs_trl import prepare_data, run_logged
+    from sft_rm_dpo_vs_trl import prepare_data, run_logged
 
     data = work / "data"
     tokenizer = prepare_data(data)
@@ -151,7 +151,7 @@ def peak_flops_per_rank() -> float:
             if key in name:
                 return get_gpu(key).bf16_flops
         raise SystemExit(f"error: no known dense bf16 peak for {name}")
-    from bench_forward_backward import matmul_peak_flops
+    from forward_backward import matmul_peak_flops
 
     return matmul_peak_flops(torch.float32, "cpu")
 

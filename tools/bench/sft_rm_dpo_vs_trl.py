@@ -1,12 +1,12 @@
 #!/usr/bin/env python
 """SFT, reward-model and DPO training tokens/s: megarlhf vs Hugging Face TRL on this machine.
 
-    python tools/bench_vs_trl.py                                   # all three stages, 60 steps each
-    python tools/bench_vs_trl.py --stages rm --steps 30 --json out.json
-    python tools/bench_vs_trl.py --stages dpo --sft runs/sft       # DPO from an existing SFT run
-    python tools/bench_vs_trl.py --stages dpo --set rpo_alpha=0     # plain DPO, no RPO term
-    python tools/bench_vs_trl.py --set train.compile=true           # megarlhf compiled, TRL eager
-    python tools/bench_vs_trl.py --set train.compile=true --trl-compile   # both compiled
+    python tools/bench/sft_rm_dpo_vs_trl.py                                   # all three stages, 60 steps each
+    python tools/bench/sft_rm_dpo_vs_trl.py --stages rm --steps 30 --json out.json
+    python tools/bench/sft_rm_dpo_vs_trl.py --stages dpo --sft runs/sft       # DPO from an existing SFT run
+    python tools/bench/sft_rm_dpo_vs_trl.py --stages dpo --set rpo_alpha=0     # plain DPO, no RPO term
+    python tools/bench/sft_rm_dpo_vs_trl.py --set train.compile=true           # megarlhf compiled, TRL eager
+    python tools/bench/sft_rm_dpo_vs_trl.py --set train.compile=true --trl-compile   # both compiled
 
 Same model, data and batch shapes on both sides: the tiny Llama of examples/sft_tiny.yaml,
 examples/rm_tiny.yaml and examples/dpo_tiny.yaml (read from those files, passed on to
@@ -19,10 +19,10 @@ learning rate and schedule, one process, float32. Steps:
   2. tokenize with megarlhf's own datasets and write JSONL for TRL, so both sides train on
      the same token ids (SFT: input_ids + completion_mask = megarlhf's loss_mask; RM:
      chosen_ids + rejected_ids; DPO: prompt / chosen / rejected as id text, see
-     tools/trl_baseline.py, split where megarlhf's loss mask starts);
+     tools/bench/trl_sft_rm_dpo.py, split where megarlhf's loss mask starts);
   3. run `python -m megarlhf sft|rm|dpo` and read tokens_per_second/step_seconds per step
      from its metrics.jsonl (the end-of-run checkpoint is outside the timed steps);
-  4. run tools/trl_baseline.py with --trl-python (a virtualenv with TRL; it never imports
+  4. run tools/bench/trl_sft_rm_dpo.py with --trl-python (a virtualenv with TRL; it never imports
      megarlhf): SFTTrainer, RewardTrainer, DPOTrainer (beta and loss_type of the config;
      rpo_alpha > 0, the example's RPO term, as TRL's loss_type ["sigmoid", "sft"] with
      loss_weights [1, rpo_alpha]; reference model in memory, its log-probs computed in
@@ -66,7 +66,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 STAGES = {  # stage -> (example config, config class, training file of the synthetic task)
     "sft": ("examples/sft_tiny.yaml", "SFTConfig", "sft.jsonl"),
     "rm": ("examples/rm_tiny.yaml", "RMConfig", "prefs_train.jsonl"),
@@ -125,7 +125,7 @@ def prepare_data(data_dir: Path) -> Path:
 
 
 def prepare_work(args) -> tuple[Path, Path, Path, dict]:
-    """The set-up of this script, bench_ppo.py and bench_grpo.py: --work-dir (created), the
+    """The set-up of this script, ppo_vs_trl.py and grpo_vs_trl.py: --work-dir (created), the
     task's data and tokenizer in --data-dir (default <work-dir>/data) and the children's
     environment with --threads OpenMP/MKL threads. Returns (work dir, data dir, sp.model,
     environment)."""
@@ -160,7 +160,7 @@ def export_hf(run: Path, out: Path, pad_id: int, log: Path, env: dict) -> None:
 
 
 def id_text(ids) -> str:
-    """Token ids as the text TRL's placeholder tokenizer encodes back to them (tools/trl_baseline.py)."""
+    """Token ids as the text TRL's placeholder tokenizer encodes back to them (tools/bench/trl_sft_rm_dpo.py)."""
     return "".join(f"<id{int(i)}>" for i in ids)
 
 
@@ -274,7 +274,7 @@ def run_trl(stage: str, cfg, data: Path, args, log: Path, env: dict, policy: Pat
     if args.trl_compile:
         dpo.append("--torch-compile")
     cmd = [
-        args.trl_python, str(REPO / "tools" / "trl_baseline.py"), "--stage", stage, "--data", str(data),
+        args.trl_python, str(REPO / "tools" / "bench" / "trl_sft_rm_dpo.py"), "--stage", stage, "--data", str(data),
         "--layers", m.num_layers, "--hidden", m.hidden_size, "--heads", m.num_attention_heads,
         "--kv-heads", m.query_groups, "--ffn", m.ffn_size, "--vocab", m.padded_vocab_size,
         "--max-positions", m.max_seq_length, "--rope-theta", m.rope_theta, "--norm-eps", m.norm_eps,

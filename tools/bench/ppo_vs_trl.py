@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """PPO iteration throughput: megarlhf vs Hugging Face TRL's PPOTrainer on this machine.
 
-    python tools/bench_ppo.py                                   # 10 iterations per side, first 2 skipped
-    python tools/bench_ppo.py --iterations 4 --warmup 1 --json out.json
-    python tools/bench_ppo.py --rounds 3                        # alternate the sides 3 times; show the median round
-    python tools/bench_ppo.py --skip-trl --set train.global_batch_size=32
+    python tools/bench/ppo_vs_trl.py                                   # 10 iterations per side, first 2 skipped
+    python tools/bench/ppo_vs_trl.py --iterations 4 --warmup 1 --json out.json
+    python tools/bench/ppo_vs_trl.py --rounds 3                        # alternate the sides 3 times; show the median round
+    python tools/bench/ppo_vs_trl.py --skip-trl --set train.global_batch_size=32
 
 Same models, prompts and PPO settings on both sides: the tiny Llama of
 examples/ppo_tiny.yaml (the policy of examples/sft_tiny.yaml, the reward model of
@@ -19,7 +19,7 @@ threads. Steps:
      each iteration's figures from its metrics.jsonl; peak RSS = ru_maxrss of that child
      from os.wait4;
   4. export SFT and RM to Hugging Face folders (tools/convert_megatron_to_hf.py), write
-     megarlhf's tokenization of the prompts as JSONL, run tools/trl_ppo_baseline.py with
+     megarlhf's tokenization of the prompts as JSONL, run tools/bench/trl_ppo.py with
      --trl-python (a virtualenv with trl==1.12.0, the last release with PPOTrainer; it
      never imports megarlhf) on the same settings; its peak RSS is its own ru_maxrss
      (the same figure os.wait4 gives, kept in the JSON as peak_rss_mib_wait4);
@@ -85,14 +85,14 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import (  # noqa: E402
+from vs_trl_common import (  # noqa: E402
     SECONDS_ROWS, TOKENS_ROWS, exit_if_unmapped, iteration_parser, measure_both_sides, megarlhf_iterations,
     parse_iteration_args, print_busy_and_versions, print_figures, print_phases, print_rounds, run_megarlhf_iterations,
     run_trl_baseline, summarize_megarlhf, write_json, write_prompts,
 )  # fmt: skip
-from bench_vs_trl import export_hf, prepare_work, run_logged  # noqa: E402
+from sft_rm_dpo_vs_trl import export_hf, prepare_work, run_logged  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 PPO_YAML, SFT_YAML, RM_YAML = "examples/ppo_tiny.yaml", "examples/sft_tiny.yaml", "examples/rm_tiny.yaml"
 
 
@@ -176,7 +176,7 @@ def run_trl(cfg, sft: Path, rm: Path, args, work: Path, env: dict) -> dict:
     rows = write_prompts(cfg, prompts, trl_prompt_row)
     ppo, gen, train = cfg.ppo, cfg.generation, cfg.train
     cmd = [
-        args.trl_python, str(REPO / "tools" / "trl_ppo_baseline.py"),
+        args.trl_python, str(REPO / "tools" / "bench" / "trl_ppo.py"),
         "--policy", hf / "sft", "--reward", hf / "rm", "--prompts", prompts,
         "--iterations", args.iterations, "--warmup", args.warmup,
         "--batch-size", train.global_batch_size, "--micro-batch-size", train.micro_batch_size,

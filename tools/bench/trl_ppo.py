@@ -1,15 +1,15 @@
 #!/usr/bin/env python
 """PPO iteration throughput of Hugging Face TRL's PPOTrainer (TRL 1.12) on a tiny Llama.
 
-The baseline half of tools/bench_ppo.py; runs in a virtualenv with TRL 1.12.0 (the last
+The baseline half of tools/bench/ppo_vs_trl.py; runs in a virtualenv with TRL 1.12.0 (the last
 release with `trl.experimental.ppo.PPOTrainer`) and never imports megarlhf or Megatron.
 Models are Hugging Face folders exported from megarlhf checkpoints: policy and reference
 from the SFT policy (LlamaForCausalLM), reward and value model from the reward model
 (LlamaForSequenceClassification, num_labels=1). Prompts are pre-tokenized JSONL rows
-{"input_ids": [...]} written by bench_ppo.py with megarlhf's chat template, so both
+{"input_ids": [...]} written by ppo_vs_trl.py with megarlhf's chat template, so both
 frameworks start from the same token ids.
 
-    /tmp/trlppo/bin/python tools/trl_ppo_baseline.py --policy sft-hf --reward rm-hf \\
+    /tmp/trlppo/bin/python tools/bench/trl_ppo.py --policy sft-hf --reward rm-hf \\
         --prompts prompts.jsonl --iterations 10 --warmup 2
 
 One iteration is one "update" of PPOTrainer.train(): draw `batch_size` prompts, generate,
@@ -44,8 +44,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from trl_baseline import build_tokenizer  # noqa: E402
-from trl_common import add_iteration_args, iteration_result, parse_iteration_args, read_jsonl  # noqa: E402
+from trl_common import add_iteration_args, build_tokenizer, iteration_result, parse_iteration_args, read_jsonl  # noqa: E402
 from trl_common import count_optimizer_steps, iteration_callback, summarize_iterations, use_threads  # noqa: E402
 
 PHASES = ("generate", "score", "train")
