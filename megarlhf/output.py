@@ -24,12 +24,16 @@ import warnings
 from typing import Any, Iterable, TextIO
 
 # Message patterns of Megatron-Core's (and its imports') fallback and deprecation warnings
-# that say nothing a megarlhf user can act on.
+# that say nothing a megarlhf user can act on. (pytest.ini lists the same for the tests.)
 KNOWN_WARNINGS = (
     r".*Transformer Engine and Apex are not installed.*",
     r".*Apex is not installed.*",
     r".*absl.logging is not installed.*",
     r".*full scope is deprecated.*",
+    # torch.distributed.checkpoint's deprecations, hit inside Megatron-Core's dist_checkpointing
+    # on every checkpoint load (each rank):
+    r".*`load_state_dict` is deprecated and will be removed.*",
+    r".*Please use DTensor instead and we are deprecating ShardedTensor.*",
 )
 
 QUIET_ENV = "MEGARLHF_QUIET"

@@ -76,5 +76,6 @@ def test_known_warnings_filtered_others_kept():
         filter_known_warnings()
         warnings.warn("Transformer Engine and Apex are not installed. Falling back to Torch optimizers.")
         warnings.warn("Apex is not installed. Falling back to Torch Norm")
+        warnings.warn("`load_state_dict` is deprecated and will be removed in future versions.", FutureWarning)
         warnings.warn("something a user should see")
     assert [str(w.message) for w in caught] == ["something a user should see"]
