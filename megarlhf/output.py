@@ -101,7 +101,10 @@ def progress_bar(iterable: Iterable | None = None, *, stream: TextIO | None = No
     else:
         interval = float(os.environ.get("TQDM_MININTERVAL", NON_TTY_INTERVAL_S))
         kwargs.setdefault("mininterval", interval)
-        kwargs.setdefault("maxinterval", max(interval, 10.0))  # tqdm's monitor thread must not redraw sooner
+        kwargs.setdefault("maxinterval", max(interval, 10.0))
+        # A fixed miniters turns tqdm's dynamic miniters off, and with it the monitor thread's
+        # extra redraws, which would add a second line right before update()'s own.
+        kwargs.setdefault("miniters", 1)
         kwargs.setdefault("ascii", True)
         kwargs["file"] = LineStream(stream)
     _Bar.megarlhf_tty = tty
