@@ -23,14 +23,19 @@ def add_iteration_args(p, iterations_help: str) -> None:
     p.add_argument("--warmup", type=int, default=2, help="first iterations left out of the figures")
 
 
-def parse_iteration_args(p, argv=None):
-    """Adds the arguments the GRPO and PPO baselines end with (--pad-id .. --seed), parses
-    `argv` and checks that --iterations exceeds --warmup."""
+def add_shared_args(p, vocab_help: str = "ids the placeholder tokenizer knows (>= model vocab)") -> None:
+    """The arguments every baseline ends with: --pad-id, --eos-id, --vocab, --threads, --seed."""
     p.add_argument("--pad-id", type=int, default=0)
     p.add_argument("--eos-id", type=int, default=3)
-    p.add_argument("--vocab", type=int, default=32, help="ids the placeholder tokenizer knows (>= model vocab)")
+    p.add_argument("--vocab", type=int, default=32, help=vocab_help)
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (and OMP_NUM_THREADS)")
     p.add_argument("--seed", type=int, default=1234)
+
+
+def parse_iteration_args(p, argv=None):
+    """Adds the arguments the GRPO and PPO baselines end with (add_shared_args), parses
+    `argv` and checks that --iterations exceeds --warmup."""
+    add_shared_args(p)
     args = p.parse_args(argv)
     if args.iterations <= args.warmup:
         p.error(f"--iterations {args.iterations} must exceed --warmup {args.warmup}")

@@ -48,7 +48,7 @@ from collections import deque
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from trl_common import build_tokenizer, load_policy, read_jsonl, use_threads, versions  # noqa: E402
+from trl_common import add_shared_args, build_tokenizer, load_policy, read_jsonl, use_threads, versions  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -68,7 +68,6 @@ def parse_args(argv=None):
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--ffn", type=int, default=256)
-    p.add_argument("--vocab", type=int, default=32, help="model vocabulary (megarlhf's padded vocab)")
     p.add_argument("--max-positions", type=int, default=64)
     p.add_argument("--rope-theta", type=float, default=10000.0)
     p.add_argument("--norm-eps", type=float, default=1e-5)
@@ -82,12 +81,9 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument("--max-length", type=int, default=32)
-    p.add_argument("--pad-id", type=int, default=0)
-    p.add_argument("--eos-id", type=int, default=3)
     p.add_argument("--steps", type=int, default=60, help="optimizer steps to run")
     p.add_argument("--warmup", type=int, default=5, help="first steps left out of the figures")
-    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (and OMP_NUM_THREADS)")
-    p.add_argument("--seed", type=int, default=1234)
+    add_shared_args(p, vocab_help="model vocabulary (megarlhf's padded vocab); also the placeholder tokenizer's ids")
     args = p.parse_args(argv)  # fmt: skip
     if args.stage == "dpo" and not args.policy:
         p.error("--stage dpo needs --policy (a Hugging Face folder of the SFT policy)")
