@@ -29,7 +29,7 @@ def run_bar(stream, steps: int = 200) -> str:
 @pytest.fixture(autouse=True)
 def no_env(monkeypatch):
     monkeypatch.delenv("TQDM_MININTERVAL", raising=False)
-    monkeypatch.delenv(output.QUIET_ENV, raising=False)
+    monkeypatch.setenv(output.QUIET_ENV, "0")  # off, and removed again after the test whatever it sets
 
 
 def test_file_gets_whole_lines_at_most_every_interval():
@@ -79,3 +79,27 @@ def test_known_warnings_filtered_others_kept():
         warnings.warn("`load_state_dict` is deprecated and will be removed in future versions.", FutureWarning)
         warnings.warn("something a user should see")
     assert [str(w.message) for w in caught] == ["something a user should see"]
+
+
+def test_quiet_run_dir_keeps_lines_in_its_log_only(tmp_path, capsys):
+    """`megarlhf --quiet`: a trainer's lines and bar stay off the terminal, not out of train.log."""
+    from megarlhf.cli import main
+    from megarlhf.config import LayoutConfig
+    from megarlhf.trainers.run import RunDir
+
+    loud = RunDir(tmp_path / "loud", LayoutConfig(), is_main=True, resume=False)
+    loud.say("step 1: loss 2")
+    loud.close()
+    assert "step 1: loss 2" in capsys.readouterr().out
+
+    assert main(["--quiet", "plan", "--model", "llama3-8b", "--nodes", "1"]) == 0  # the flag sets the switch
+    assert output.is_quiet()
+    capsys.readouterr()
+    quiet = RunDir(tmp_path / "quiet", LayoutConfig(), is_main=True, resume=False)
+    bar = quiet.progress(3, 0, desc="sft")
+    bar.update(3)
+    quiet.say("step 1: loss 2")
+    quiet.close()
+    captured = capsys.readouterr()
+    assert captured.out == "" and "sft" not in captured.err
+    assert (tmp_path / "quiet" / "logs" / "train.log").read_text() == "step 1: loss 2\n"
