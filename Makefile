@@ -7,7 +7,7 @@ NPROC ?= 2
 QUICKSTART_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: quickstart test install clean-venv
+.PHONY: quickstart test docs install clean-venv
 
 install: $(STAMP)
 
@@ -25,6 +25,10 @@ quickstart: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+# docs/config.md from the config dataclasses' field docstrings (tests/unit/test_docs.py checks it).
+docs: $(STAMP)
+	$(PY) -m megarlhf.config.docs
 
 clean-venv:
 	rm -rf $(VENV)

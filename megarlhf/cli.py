@@ -121,6 +121,12 @@ def _add_plan(sub) -> None:
     add_arguments(p)
 
 
+QUIET_HELP = (
+    "no progress bars or per-step lines on the terminal (run_dir/logs/train.log keeps them); "
+    "warnings, errors and results still print. Also MEGARLHF_QUIET=1"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="megarlhf",
@@ -128,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Multi-rank: torchrun --nproc-per-node N -m megarlhf <command> ...",
     )
     parser.add_argument("--version", action="version", version=f"megarlhf {__version__}")
+    parser.add_argument("--quiet", "-q", action="store_true", help=QUIET_HELP)
     sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
     for name in STAGES:
         _add_stage(sub, name)
@@ -135,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_launch(sub)
     _add_selfcheck(sub)
     _add_plan(sub)
+    for command in sub.choices.values():  # `megarlhf --quiet sft ...` and `megarlhf sft --quiet ...`
+        command.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS, help=QUIET_HELP)
     return parser
 
 
@@ -153,6 +162,10 @@ def run_stage(name: str, config_path: str | None, overrides: list[str], resume: 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    if args.quiet:
+        from megarlhf.output import set_quiet
+
+        set_quiet()
     if args.command == "launch":  # before the imports below: a login node renders without Megatron-Core
         import megarlhf.config as config_module
         from megarlhf.launch import launch_main

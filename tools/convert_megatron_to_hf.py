@@ -131,7 +131,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     import torch
     from safetensors.torch import save_file
-    from tqdm import tqdm
+    from megarlhf.output import progress_bar
 
     from megarlhf.checkpoint.dist_ckpt import CheckpointError, load_model_weights, resolve_checkpoint
     from megarlhf.checkpoint.hf import copy_hf_metadata, hf_config, hf_shape, read_hf_config, to_hf, weight_plan
@@ -173,7 +173,7 @@ def main(argv=None) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         buffer: dict[str, torch.Tensor] = {}
         with torch.no_grad():
-            for name, param in tqdm(params.items(), desc="megatron -> hf", unit="tensor"):
+            for name, param in progress_bar(params.items(), desc="megatron -> hf", unit="tensor"):
                 for src, t in to_hf(plan[name], param.detach(), cfg).items():
                     if buffer and where[next(iter(buffer))] != where[src]:  # the previous file is complete
                         save_file(buffer, args.out / where[next(iter(buffer))], metadata={"format": "pt"})

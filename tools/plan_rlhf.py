@@ -7,7 +7,7 @@ the fastest megarlhf layout that fits (same as `megarlhf plan`).
     python tools/plan_rlhf.py --calibrate                                           # vs NeMo-Aligner / OpenRLHF
     python tools/plan_rlhf.py --model llama3-70b --nodes 8 --json
 
-The model is megarlhf/plan/ (pure Python); tools/bench_memory.py measures the memory side.
+The model is megarlhf/plan/ (pure Python); tools/bench/memory_vs_plan.py measures the memory side.
 """
 
 from megarlhf.plan.command import main

@@ -449,8 +449,7 @@ def load_hf_weights(model, groups, path: str | Path, *, strict: bool = False, pr
     rank ever holds the full model. `model` must have been built from a ModelConfig that
     matches the HF config (else ConversionError with the overrides to use). A value-head
     model loaded from a causal LM keeps its freshly initialised head."""
-    from tqdm import tqdm
-
+    from megarlhf.output import progress_bar
     from megarlhf.parallel.weights import local_parameters, shard_tensor
 
     cfg, head = model.megarlhf_config, model.megarlhf_head
@@ -463,8 +462,8 @@ def load_hf_weights(model, groups, path: str | Path, *, strict: bool = False, pr
     local = local_parameters(model, groups)
     wanted = [n for n in local if head == src.head or not n.startswith("output_layer.")]
     tp, rank = groups.layout.tp, groups.tp_rank
-    for name, full in tqdm(stream_full_state(path, cfg, src.head, wanted, strict), total=len(wanted),
-                           desc="hf -> megatron", unit="tensor", disable=not progress):  # fmt: skip
+    for name, full in progress_bar(stream_full_state(path, cfg, src.head, wanted, strict), total=len(wanted),
+                                   desc="hf -> megatron", unit="tensor", disable=not progress):  # fmt: skip
         param = local[name][1]
         if getattr(param, "tensor_model_parallel", False) and tp > 1:
             full = shard_tensor(full, param.partition_dim, getattr(param, "partition_stride", 1), tp, rank)

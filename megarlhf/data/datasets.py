@@ -103,9 +103,9 @@ class _TokenizedDataset:
 def _progress(records: list, enabled: bool, desc: str) -> Iterable:
     if not enabled:
         return records
-    from tqdm import tqdm  # only the CLI asks for a bar; library use stays dependency-free
+    from megarlhf.output import progress_bar  # only the CLI asks for a bar
 
-    return tqdm(records, desc=desc, unit="sample")
+    return progress_bar(records, desc=desc, unit="sample")
 
 
 class SFTDataset(_TokenizedDataset):

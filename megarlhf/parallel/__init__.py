@@ -4,15 +4,8 @@ Layer: parallel/. The only package that touches Megatron-Core's `parallel_state`
 `HyperCommGrid` or `new_group`; everything else receives groups from a ParallelContext.
 """
 
-import warnings
-
-# Megatron-Core warns once per module when TE/Apex are absent; the fallbacks are what we
-# intend to use on CPU and are reported once by `megarlhf.models.backbone` instead.
-warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
-warnings.filterwarnings("ignore", message=".*absl.logging is not installed.*")
-warnings.filterwarnings("ignore", message=".*Apex is not installed.*")
-warnings.filterwarnings("ignore", message=".*full scope is deprecated.*")
-
+# Megatron-Core's TE/Apex fallback warnings are filtered for every entry point in
+# megarlhf/output.py (imported with the package).
 from megarlhf.parallel.distributed import LaunchEnv, detect_launch_env, init_distributed
 from megarlhf.parallel.layout import (
     ROLES,

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from megarlhf.config import dump_yaml
+from megarlhf.output import is_quiet, progress_bar
 
 
 class RunDir:
@@ -70,7 +71,9 @@ class RunDir:
     def say(self, line: str) -> None:
         if not self.is_main:
             return
-        if self._progress is not None:
+        if is_quiet():
+            pass  # --quiet: the log file only
+        elif self._progress is not None:
             self._progress.write(line)
         else:
             print(line, flush=True)
@@ -78,12 +81,10 @@ class RunDir:
         self._log.flush()
 
     def progress(self, total: int, initial: int, desc: str):
-        """A tqdm bar on rank 0 (None elsewhere)."""
+        """A progress bar on rank 0 (None elsewhere); a line per 30 s in a log file (megarlhf/output.py)."""
         if not self.is_main:
             return None
-        from tqdm import tqdm
-
-        self._progress = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, leave=True)
+        self._progress = progress_bar(total=total, initial=initial, desc=desc, leave=True)
         return self._progress
 
     def finished_summary(self, step: int, max_steps: int) -> dict[str, Any] | None:

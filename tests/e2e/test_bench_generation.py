@@ -1,4 +1,4 @@
-"""tools/bench_generation.py end to end on a tiny Llama: transformers' own greedy
+"""tools/bench/generation_vs_hf.py end to end on a tiny Llama: transformers' own greedy
 `generate` on the same weights is the oracle for the engine's tokens, here through the
 compiled decode step (generation.compile); --profile's matrix-product times are parts of
 each side's call."""
@@ -13,7 +13,7 @@ from tests.e2e.test_cli_selfcheck import run
 
 def test_bench_generation_compiled_matches_transformers(tmp_path):
     out = run([
-        sys.executable, "tools/bench_generation.py", "--layers", "2", "--hidden", "64", "--heads", "4",
+        sys.executable, "tools/bench/generation_vs_hf.py", "--layers", "2", "--hidden", "64", "--heads", "4",
         "--kv-heads", "2", "--ffn", "128", "--vocab", "64", "--prompt", "8", "--new", "6",
         "--batch", "1", "3", "--repeats", "1", "--compile", "--profile", "--json", str(tmp_path / "gen.json"),
     ])  # fmt: skip

@@ -1,4 +1,4 @@
-"""tools/bench_ppo.py end to end on the megarlhf side only (--skip-trl): it trains the
+"""tools/bench/ppo_vs_trl.py end to end on the megarlhf side only (--skip-trl): it trains the
 SFT and reward model it starts from, runs PPO through the CLI and prints its figures; and
 the benchmarks refuse an unusable --trl-python before any run."""
 
@@ -15,11 +15,11 @@ LABELS = ("seconds / iteration (mean)", "tokens/s (median of iterations)", "peak
 
 
 def run_bench_skip_trl(script: str, tmp_path, args: list[str], labels=LABELS) -> dict:
-    """Runs tools/<script> --skip-trl for 2 iterations (1 timed) with `args`, checks the
-    printed `labels`, the per-phase line and the figures bench_ppo.py and bench_grpo.py
+    """Runs tools/bench/<script> --skip-trl for 2 iterations (1 timed) with `args`, checks the
+    printed `labels`, the per-phase line and the figures ppo_vs_trl.py and grpo_vs_trl.py
     share; returns megarlhf's figures from its --json file."""
     cmd = [
-        sys.executable, f"tools/{script}", "--skip-trl", "--work-dir", str(tmp_path),
+        sys.executable, f"tools/bench/{script}", "--skip-trl", "--work-dir", str(tmp_path),
         "--iterations", "2", "--warmup", "1", "--threads", "1", *args, "--json", str(tmp_path / "bench.json"),
     ]  # fmt: skip
     env = dict(os.environ, PYTHONPATH=str(REPO))
@@ -42,7 +42,7 @@ def run_bench_skip_trl(script: str, tmp_path, args: list[str], labels=LABELS) ->
 
 
 def test_bench_ppo_prints_its_figures(task_data, tmp_path):
-    run_bench_skip_trl("bench_ppo.py", tmp_path, [
+    run_bench_skip_trl("ppo_vs_trl.py", tmp_path, [
         "--data-dir", str(task_data["tokenizer"].parent), "--sft-steps", "2", "--rm-steps", "2",
         "--set", "train.global_batch_size=16", "--set", "generation.response_length=8",
         "--set", "ppo.num_ppo_epochs=1",
@@ -56,15 +56,15 @@ def test_benchmarks_reject_a_trl_python_before_any_run(tmp_path):
     without_trl = tmp_path / "python-without-trl"
     without_trl.write_text("#!/bin/sh\necho \"ModuleNotFoundError: No module named 'trl'\" >&2\nexit 1\n")
     without_trl.chmod(0o755)
-    for script in ("bench_ppo.py", "bench_grpo.py", "bench_vs_trl.py"):
+    for script in ("ppo_vs_trl.py", "grpo_vs_trl.py", "sft_rm_dpo_vs_trl.py"):
         for python, why in ((tmp_path / "no-python", "No such file"), (without_trl, "No module named 'trl'")):
             work = tmp_path / script
             out = subprocess.run(
-                [sys.executable, f"tools/{script}", "--trl-python", str(python), "--work-dir", str(work)],
+                [sys.executable, f"tools/bench/{script}", "--trl-python", str(python), "--work-dir", str(work)],
                 cwd=REPO, capture_output=True, text=True, timeout=120,
             )  # fmt: skip
             assert out.returncode == 2, out.stderr[-2000:]
             assert "--trl-python" in out.stderr and why in out.stderr, out.stderr[-2000:]
-            if script != "bench_vs_trl.py":  # the iteration benchmarks can run without TRL
+            if script != "sft_rm_dpo_vs_trl.py":  # the iteration benchmarks can run without TRL
                 assert "--skip-trl" in out.stderr, out.stderr[-2000:]
             assert not work.exists()

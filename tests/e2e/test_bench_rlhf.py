@@ -1,4 +1,4 @@
-"""tools/bench_rlhf.py end to end: it prepares what the stage starts from, runs the stage in
+"""tools/bench/rlhf_phases.py end to end: it prepares what the stage starts from, runs the stage in
 a torchrun world and prints per-phase figures that add up to the step time."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from tests.e2e.conftest import REPO
 
 
 def bench(tmp_path, *args):
-    cmd = [sys.executable, "tools/bench_rlhf.py", "--work-dir", str(tmp_path), "--steps", "2", "--warmup", "1",
+    cmd = [sys.executable, "tools/bench/rlhf_phases.py", "--work-dir", str(tmp_path), "--steps", "2", "--warmup", "1",
            "--sft-steps", "2", "--rm-steps", "2", "--json", str(tmp_path / "bench.json"), *args]  # fmt: skip
     out = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]

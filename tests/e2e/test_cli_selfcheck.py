@@ -45,7 +45,7 @@ def test_impossible_layout_exits_2_with_a_message():
 
 def test_bench_forward_backward_prints_its_figures(tmp_path):
     out = run([
-        sys.executable, "tools/bench_forward_backward.py", "--layers", "2", "--hidden", "64",
+        sys.executable, "tools/bench/forward_backward.py", "--layers", "2", "--hidden", "64",
         "--heads", "4", "--seq", "32", "--vocab", "128", "--warmup", "1", "--steps", "1",
         "--json", str(tmp_path / "bench.json"),
     ])  # fmt: skip

@@ -1,4 +1,4 @@
-"""On a GPU: tools/bench_rlhf.py runs PPO, GRPO and DPO (bf16 on the device, Transformer
+"""On a GPU: tools/bench/rlhf_phases.py runs PPO, GRPO and DPO (bf16 on the device, Transformer
 Engine's layer spec when installed) and its figures hold together: the phases add up to the
 step, MFU is measured against the device's dense bf16 peak and lies in (0, 1), and peak
 memory is the device's."""
@@ -17,7 +17,7 @@ from tests.e2e.conftest import REPO
 
 @pytest.mark.parametrize("stage", ["ppo", "grpo", "dpo"])
 def test_bench_rlhf_on_gpu(tmp_path, stage):
-    cmd = [sys.executable, "tools/bench_rlhf.py", "--stage", stage, "--model", "20m", "--steps", "3", "--warmup", "1",
+    cmd = [sys.executable, "tools/bench/rlhf_phases.py", "--stage", stage, "--model", "20m", "--steps", "3", "--warmup", "1",
            "--sft-steps", "5", "--rm-steps", "5", "--work-dir", str(tmp_path), "--json", str(tmp_path / "b.json")]  # fmt: skip
     out = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=1800)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]

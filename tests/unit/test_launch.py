@@ -161,12 +161,12 @@ def test_time_limit_seconds(value, seconds):
     assert time_limit_seconds(value) == seconds
 
 
-def test_readme_shows_the_current_70b_dry_run(capsys, monkeypatch):
-    """README's example was rendered from /home/me/megarlhf; it must match today's renderer."""
+def test_docs_show_the_current_70b_dry_run(capsys, monkeypatch):
+    """docs/slurm.md's example was rendered from /home/me/megarlhf; it must match today's renderer."""
     monkeypatch.chdir(REPO)
     code, script, _ = launch(capsys, *PPO_70B, "--account", "my-account", "--dry-run")
     assert code == 0
-    readme = (REPO / "README.md").read_text()
+    readme = (REPO / "docs" / "slurm.md").read_text()
     start = readme.index("```bash\n#!/bin/bash\n# megarlhf ppo on 16 node(s)") + len("```bash\n")
     shown = readme[start : readme.index("```\n", start)]
-    assert shown == script.replace(str(REPO), "/home/me/megarlhf"), "rerun the README's dry-run command"
+    assert shown == script.replace(str(REPO), "/home/me/megarlhf"), "rerun the dry-run command of docs/slurm.md"

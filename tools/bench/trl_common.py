@@ -1,9 +1,10 @@
-"""Helpers shared by the TRL baselines: tools/trl_baseline.py (SFT, RM, DPO),
-tools/trl_grpo_baseline.py and tools/trl_ppo_baseline.py.
+"""The one module the TRL baselines share: argument parsing, threads, timing callbacks,
+summaries and output, the placeholder tokenizer and policy loading. Imported by
+tools/bench/trl_sft_rm_dpo.py (SFT, RM, DPO), tools/bench/trl_grpo.py and tools/bench/trl_ppo.py.
 
 These run in a virtualenv with TRL and never import megarlhf or Megatron; this module
 imports torch, transformers and TRL only inside its functions, so a script can set its
-thread count before they load. The scripts import it from their own folder (tools/).
+thread count before they load. The scripts import it from their own folder (tools/bench/).
 """
 
 from __future__ import annotations
@@ -22,14 +23,19 @@ def add_iteration_args(p, iterations_help: str) -> None:
     p.add_argument("--warmup", type=int, default=2, help="first iterations left out of the figures")
 
 
-def parse_iteration_args(p, argv=None):
-    """Adds the arguments the GRPO and PPO baselines end with (--pad-id .. --seed), parses
-    `argv` and checks that --iterations exceeds --warmup."""
+def add_shared_args(p, vocab_help: str = "ids the placeholder tokenizer knows (>= model vocab)") -> None:
+    """The arguments every baseline ends with: --pad-id, --eos-id, --vocab, --threads, --seed."""
     p.add_argument("--pad-id", type=int, default=0)
     p.add_argument("--eos-id", type=int, default=3)
-    p.add_argument("--vocab", type=int, default=32, help="ids the placeholder tokenizer knows (>= model vocab)")
+    p.add_argument("--vocab", type=int, default=32, help=vocab_help)
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (and OMP_NUM_THREADS)")
     p.add_argument("--seed", type=int, default=1234)
+
+
+def parse_iteration_args(p, argv=None):
+    """Adds the arguments the GRPO and PPO baselines end with (add_shared_args), parses
+    `argv` and checks that --iterations exceeds --warmup."""
+    add_shared_args(p)
     args = p.parse_args(argv)
     if args.iterations <= args.warmup:
         p.error(f"--iterations {args.iterations} must exceed --warmup {args.warmup}")
@@ -123,3 +129,31 @@ def iteration_result(args, rows: list[dict], parameters: dict, config, config_ke
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         **figures, "per_iteration": rows,
     }  # fmt: skip
+
+
+# --- models and tokenizer ----------------------------------------------------------------
+
+
+def build_tokenizer(vocab: int, pad_id: int, eos_id: int, padding_side: str = "right"):
+    """A WordLevel tokenizer with one piece `<id{i}>` per id: TRL wants a processing_class
+    with pad and EOS pieces. It never tokenizes pre-tokenized rows (SFT, RM, PPO prompts);
+    text made of these pieces (DPO, GRPO prompts) splits at every piece and encodes to
+    exactly those ids, with no BOS, EOS or merges, so TRL's own tokenization gives back
+    megarlhf's ids."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    pieces = {f"<id{i}>": i for i in range(vocab)}
+    tok = Tokenizer(models.WordLevel(pieces, unk_token=f"<id{pad_id}>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"<id\d+>"), behavior="isolated")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token=f"<id{pad_id}>", eos_token=f"<id{eos_id}>", padding_side=padding_side
+    )
+
+
+def load_policy(path: str):
+    """A Hugging Face LlamaForCausalLM folder in float32 with SDPA attention, on CPU."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")

@@ -1,8 +1,8 @@
-"""What tools/bench_grpo.py and tools/bench_ppo.py share: their common command-line
+"""What tools/bench/grpo_vs_trl.py and tools/bench/ppo_vs_trl.py share: their common command-line
 arguments, running megarlhf and the TRL baseline as measured children, megarlhf's
 per-iteration figures from metrics.jsonl, the printed table and the --json file.
 
-Imported from those scripts' folder (tools/); megarlhf is imported inside functions only.
+Imported from those scripts' folder (tools/bench/); megarlhf is imported inside functions only.
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench_vs_trl import check_idle, check_trl_python
+from sft_rm_dpo_vs_trl import check_idle, check_trl_python
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 PHASES = ("generate", "score", "advantages", "train", "refit")  # megarlhf's time/<phase> of an iteration
 
 # Rows of the side-by-side table, (label, key, format): seconds per iteration first, then
-# tokens, memory and optimizer steps; bench_grpo.py puts sequences/s between the two.
+# tokens, memory and optimizer steps; grpo_vs_trl.py puts sequences/s between the two.
 SECONDS_ROWS = [
     ("seconds / iteration (mean)", "seconds_per_iteration", "{:.2f}"),
     ("seconds / iteration (median)", "median_seconds_per_iteration", "{:.2f}"),
