@@ -107,9 +107,10 @@ class DataConfig:
     max_length: int = 128
     """Tokens per sample (prompt + response); every batch is padded to this length."""
     truncation: Literal["error", "right", "drop"] = "error"
-    """A sample longer than max_length: fail with file:line, cut its end, or drop it."""
+    """A sample longer than max_length: fail with file:line (or row), cut its end, or drop it."""
     on_error: Literal["error", "skip"] = "error"
-    """A malformed line: fail with file:line, or skip it and count it."""
+    """A malformed line or row (or a preference pair whose chosen equals its rejected):
+    fail naming file:line (or file row N) and column, or skip it and count it by reason."""
 
     def __post_init__(self):
         if self.max_length < 2:
