@@ -3,12 +3,14 @@
 Writes N synthetic SFT rows (the sorting task's prompts, with longer filler text) as JSONL,
 a JSON array, Parquet and a datasets.save_to_disk folder, then for each format runs a
 fresh child that builds the SFTDataset (what a trainer does at start) and reports:
-  - seconds to read + tokenize (the child's wall time of that call alone),
-  - peak RSS of the child, and its RSS before the call (imports, tokenizer),
-  - for comparison, "eager": the whole file as Python objects first (json.loads of every
-    line / pyarrow read_table().to_pylist()), the pattern the row readers avoid.
+  - wall and CPU seconds of that call alone (imports and the tokenizer load excluded),
+  - how far the call raised the child's peak RSS above its RSS before it;
+for "read" (rows parsed into records, nothing kept), "dataset" (the tokenized SFTDataset a
+trainer builds) and, for comparison, "eager": the whole file as Python objects (json.loads
+of every line / pyarrow read_table().to_pylist()), the pattern the row readers avoid.
+Linux only (/proc/self/status VmHWM, reset through /proc/self/clear_refs).
 
-  python tools/bench_data.py --rows 100000 [--work /tmp/bench_data] [--json out.json]
+  python tools/bench_data.py --rows 100000 [--work /tmp/bench_data] [--modes read,dataset,eager] [--json out.json]
 """
 
 from __future__ import annotations
@@ -53,30 +55,49 @@ def write_data(work: Path, rows: int) -> dict[str, Path]:
     return paths
 
 
-def child(fmt: str, path: str, tokenizer: str, eager: bool) -> None:
-    """Build the dataset in this process; print one JSON line of figures."""
-    from megarlhf.data import ChatTemplate, SFTDataset, load_tokenizer
+def _hwm_mib() -> float:
+    """Peak RSS of this process image (VmHWM: unlike ru_maxrss it does not carry the
+    parent's peak across fork + exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
+
+
+def _cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def child(mode: str, fmt: str, path: str, tokenizer: str) -> None:
+    """One measurement in this process; prints one JSON line. Modes: "read" (rows parsed
+    into records, nothing kept), "dataset" (the SFTDataset a trainer builds), "eager" (the
+    whole file as Python objects: json.loads of every line / pyarrow read_table().to_pylist())."""
+    from megarlhf.data import ChatTemplate, SFTDataset, load_tokenizer, parse_sft
+    from megarlhf.data.readers import Records
 
     tok = load_tokenizer(tokenizer)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    t0 = time.perf_counter()
-    if eager:  # what the readers avoid: the whole file as Python objects, then tokenize
-        if fmt == "parquet":
-            import pyarrow.parquet as pq
-
-            objs = pq.read_table(path).to_pylist()
-        else:
-            objs = [json.loads(line) for line in open(path)]
-        template = ChatTemplate()
-        items = [template.render(tok, [{"role": "user", "content": o["prompt"]},
-                                       {"role": "assistant", "content": o["response"]}]) for o in objs]  # fmt: skip
-        n = len(items)
-    else:
+    if fmt in ("parquet", "save_to_disk"):  # imports are not what is measured
+        import pyarrow.parquet  # noqa: F401
+    if fmt == "save_to_disk":
+        import datasets  # noqa: F401
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    before = _hwm_mib()
+    t0, c0 = time.perf_counter(), _cpu()
+    if mode == "read":
+        n = sum(1 for _ in Records(path, parse_sft))
+    elif mode == "dataset":
         n = len(SFTDataset(path, tok, ChatTemplate(), max_length=256))
-    seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"format": fmt + (" (eager)" if eager else ""), "samples": n, "seconds": round(seconds, 2),
-                      "rss_before_mib": round(before), "peak_rss_mib": round(peak)}))  # fmt: skip
+    elif fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        n = len(objs := pq.read_table(path).to_pylist())
+    else:
+        n = len(objs := [json.loads(line) for line in open(path)])  # noqa: F841
+    out = {"mode": mode, "format": fmt, "samples": n, "seconds": round(time.perf_counter() - t0, 2),
+           "cpu_seconds": round(_cpu() - c0, 2), "rss_before_mib": round(before),
+           "peak_rss_increase_mib": round(_hwm_mib() - before)}  # fmt: skip
+    print(json.dumps(out))
 
 
 def main() -> None:
@@ -84,22 +105,25 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=100_000)
     p.add_argument("--work", default="/tmp/bench_data")
     p.add_argument("--json", default="", help="also write the figures here")
+    p.add_argument("--modes", default="read,dataset,eager", help="which measurements (comma-separated)")
     p.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        fmt, path, tokenizer, eager = args.child
-        child(fmt, path, tokenizer, eager == "1")
+        child(*args.child)
         return
-    paths = write_data(Path(args.work), args.rows)
-    runs = [(f, False) for f in FORMATS] + [("jsonl", True), ("parquet", True)]
+    work = Path(args.work)
+    paths = write_data(work, args.rows) if not (work / "sp.model").exists() else {
+        **{f: work / n for f, n in zip(FORMATS, ("d.jsonl", "d.json", "d.parquet", "d_ds"))}, "tokenizer": work / "sp.model"}
+    modes = args.modes.split(",")
+    runs = [(m, f) for m in ("read", "dataset") if m in modes for f in FORMATS]
+    runs += [("eager", f) for f in ("jsonl", "parquet") if "eager" in modes]
     results = []
-    for fmt, eager in runs:
-        cmd = [sys.executable, __file__, "--child", fmt, str(paths[fmt]), str(paths["tokenizer"]), str(int(eager))]
+    for mode, fmt in runs:
+        cmd = [sys.executable, __file__, "--child", mode, fmt, str(paths[fmt]), str(paths["tokenizer"])]
         out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=True)
-        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        r = results[-1]
-        print(f"{r['format']:<22} {r['samples']:>8} samples  {r['seconds']:>7.2f} s  "
-              f"peak RSS {r['peak_rss_mib']:>6} MiB (before: {r['rss_before_mib']} MiB)", flush=True)  # fmt: skip
+        results.append(r := json.loads(out.stdout.strip().splitlines()[-1]))
+        print(f"{mode:<8} {fmt:<13} {r['samples']:>7} rows {r['seconds']:>7.2f} s (cpu {r['cpu_seconds']:>6.2f} s)  "
+              f"peak RSS +{r['peak_rss_increase_mib']:>5} MiB over {r['rss_before_mib']} MiB", flush=True)  # fmt: skip
     size = {f: sum(q.stat().st_size for q in ([paths[f]] if paths[f].is_file() else paths[f].rglob("*")))
             for f in FORMATS}  # fmt: skip
     print("file sizes (MiB): " + ", ".join(f"{f} {s / 2**20:.1f}" for f, s in size.items()))

@@ -132,15 +132,24 @@ def parse_sft(obj: dict) -> SFTRecord:
     """`{"prompt": str, "response": str}` or `{"messages": [...]}` (with an assistant answer).
 
     A null counts as absent when picking the form: a Parquet/Arrow file holding both forms
-    has nulls in the other form's columns."""
+    has nulls in the other form's columns. A `prompt` next to `messages` (no `response`) is
+    accepted when it is the text of the first user message, as in HuggingFaceH4/ultrachat_200k."""
     present = {k for k in ("messages", "prompt", "response") if obj.get(k) is not None}
     if "messages" in present or ("messages" in obj and not present):
-        if present & {"prompt", "response"}:
-            raise RecordError("has both 'messages' and 'prompt'/'response'; use one form")
-        return SFTRecord(_answering(obj["messages"], "messages"))
+        messages = _answering(obj["messages"], "messages")
+        if "response" in present or ("prompt" in present and obj["prompt"] != _first_user(messages)):
+            raise RecordError(
+                "has both 'messages' and 'prompt'/'response' (a prompt other than the first user message's "
+                "text); use one form"
+            )
+        return SFTRecord(messages)
     if "prompt" not in obj and "response" not in obj:
         raise RecordError(f"missing key 'messages' or 'prompt'+'response' (keys present: {sorted(obj)})")
     return SFTRecord(pair_to_messages(_text(obj, "prompt"), _text(obj, "response")))
+
+
+def _first_user(messages: list[Message]) -> str | None:
+    return next((m["content"] for m in messages if m["role"] == "user"), None)
 
 
 def _prompt_messages(obj: dict) -> list[Message]:
@@ -156,18 +165,49 @@ def _prompt_messages(obj: dict) -> list[Message]:
 
 
 def parse_preference(obj: dict) -> PreferenceRecord:
-    """`{"prompt": str|messages, "chosen": str|messages, "rejected": str|messages}`; a pair
-    whose chosen equals its rejected expresses no preference and is rejected (kind
-    "chosen equals rejected", so under on_error=skip such pairs are counted apart)."""
-    record = PreferenceRecord(_prompt_messages(obj), _completion(obj, "chosen"), _completion(obj, "rejected"))
-    if record.chosen == record.rejected:
+    """`{"prompt": str|messages, "chosen": str|messages, "rejected": str|messages}`.
+
+    Hub preference sets often repeat the prompt inside the completions: message-list
+    completions that start with the prompt's messages have them removed (else the prompt
+    would be rendered twice), and without a prompt (absent or null) the prompt is the
+    messages chosen and rejected share up to their last non-assistant one (TRL's
+    "implicit prompt"). A pair whose chosen equals its rejected expresses no preference
+    and is rejected (kind "chosen equals rejected", counted apart under on_error=skip)."""
+    chosen, rejected = _completion(obj, "chosen"), _completion(obj, "rejected")
+    if obj.get("prompt") is None and isinstance(obj["chosen"], list) and isinstance(obj["rejected"], list):
+        prompt = _shared_prompt(chosen, rejected)
+    else:
+        prompt = _prompt_messages(obj)
+    chosen, rejected = (_after(prompt, side, key) for side, key in ((chosen, "chosen"), (rejected, "rejected")))
+    if chosen == rejected:
         raise RecordError(
             "'chosen' equals 'rejected': the pair expresses no preference (its loss gradient is 0 for DPO "
             "and only pushes both rewards together for an RM); fix or remove it, or set data.on_error=skip "
             "to drop such pairs (they are counted)",
             column="chosen", kind="chosen equals rejected",
         )  # fmt: skip
-    return record
+    return PreferenceRecord(prompt, chosen, rejected)
+
+
+def _shared_prompt(chosen: list[Message], rejected: list[Message]) -> list[Message]:
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    while n and chosen[n - 1]["role"] == "assistant":
+        n -= 1  # a prompt ends where the assistant is to answer
+    if n == 0:
+        raise RecordError(
+            "no 'prompt', and 'chosen' and 'rejected' share no leading messages to take it from; add a prompt "
+            "column (or name it with data.prompt_key)", column="prompt",
+        )  # fmt: skip
+    return chosen[:n]
+
+
+def _after(prompt: list[Message], completion: list[Message], key: str) -> list[Message]:
+    """`completion` without a leading copy of `prompt`; what remains must answer."""
+    if len(completion) > len(prompt) and completion[: len(prompt)] == prompt:
+        return _answering(completion[len(prompt) :], key)
+    return completion
 
 
 def parse_prompt(obj: dict) -> PromptRecord:

@@ -263,6 +263,35 @@ def test_chosen_equal_to_rejected_is_named_or_counted(tok, tmp_path):
     assert ([n for n, _ in records], skipped) == ([1], 3)
 
 
+# ---------------------------------------------------------------- schemas of Hub preference / SFT sets
+
+
+def test_prompts_repeated_in_completions_or_implicit_give_the_explicit_pairs(tok, tmp_path):
+    a = [{"role": "assistant", "content": "2 4 7 9"}]
+    b = [{"role": "assistant", "content": "2 4 9"}]
+    history = user("hello there") + [{"role": "assistant", "content": "thanks a lot"}] + user("sort: 7 2 9 4")
+    q = "sort: 7 2 9 4"
+    explicit = [{"prompt": q, "chosen": a, "rejected": b}, {"prompt": history, "chosen": a, "rejected": b}]
+    oracle = PreferenceDataset(write_jsonl(tmp_path / "o.jsonl", explicit), tok, TEMPLATE, max_length=64)
+    # HuggingFaceH4/ultrafeedback_binarized: the prompt again at the start of each completion
+    repeated = [{"prompt": q, "chosen": user(q) + a, "rejected": user(q) + b},
+                {"prompt": history, "chosen": history + a, "rejected": history + b}]  # fmt: skip
+    # trl-lib/ultrafeedback_binarized: no prompt column, the shared messages are the prompt
+    implicit = [{"chosen": user(q) + a, "rejected": user(q) + b}, {"chosen": history + a, "rejected": history + b}]
+    # (one Parquet column has one type: the string-and-messages prompts of `repeated` go in JSONL)
+    for source in (write_jsonl(tmp_path / "r.jsonl", repeated), write("parquet", tmp_path / "implicit", implicit)):
+        same_items(list(PreferenceDataset(source, tok, TEMPLATE, max_length=64)), list(oracle))
+    with pytest.raises(DataError, match=r"row 0: no 'prompt', and 'chosen' and 'rejected' share no leading messages"):
+        PreferenceDataset(write("parquet", tmp_path / "none", [{"chosen": a, "rejected": b}]), tok, TEMPLATE, 64)
+
+
+def test_sft_messages_with_their_first_user_text_as_prompt(tok, tmp_path):
+    chat = SFT_ROWS[1]["messages"]
+    row = {"prompt": chat[0]["content"], "prompt_id": "x", "messages": chat}  # HuggingFaceH4/ultrachat_200k's
+    ds = SFTDataset(write("parquet", tmp_path / "uc", [row]), tok, TEMPLATE, 64)
+    same_items(list(ds), list(SFTDataset(write_jsonl(tmp_path / "o.jsonl", SFT_ROWS[1:2]), tok, TEMPLATE, 64)))
+
+
 # ---------------------------------------------------------------- sources that cannot be read
 
 
