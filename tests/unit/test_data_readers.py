@@ -316,6 +316,10 @@ def test_unreadable_sources_say_what_to_do(tmp_path, monkeypatch):
         Records("hub:org/name@test", parse_sft)
     with pytest.raises(ConfigError, match="expected hub:NAME"):
         Records("hub:@train", parse_sft)
-    monkeypatch.setitem(__import__("sys").modules, "pyarrow.parquet", None)  # as if pyarrow were not installed
+    modules = __import__("sys").modules
+    monkeypatch.setitem(modules, "pyarrow.parquet", None)  # as if pyarrow were not installed
     with pytest.raises(ConfigError, match="needs the `pyarrow` package: pip install pyarrow"):
         Records(tmp_path / "bad.parquet", parse_sft)
+    monkeypatch.setitem(modules, "datasets", None)  # nor the megarlhf[datasets] extra
+    with pytest.raises(ConfigError, match=r"needs the `datasets` package: pip install 'megarlhf\[datasets\]'"):
+        Records(tmp_path / "dd" / "train", parse_sft)
