@@ -99,7 +99,7 @@ def open_rows(source: str | Path) -> RowSource:
             "folder or hub:NAME@SPLIT)"
         )
     with open(path, "rb") as f:
-        head = f.read(8)
+        head = f.read(4096)  # magic bytes, or the first character of JSON text
     if head.startswith(b"PAR1"):
         return _parquet_rows([path])
     if head.startswith(b"ARROW1") or path.suffix == ".arrow":
@@ -153,6 +153,7 @@ def _json_array_rows(path: Path) -> Iterator[Row]:
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
         raise DataError(f"{path}:{line}: not valid UTF-8") from None
+    del data  # the text alone stays while the rows are read
     decoder = json.JSONDecoder()
     ws = re.compile(r"\s*")
     pos, line = 0, 1
@@ -163,12 +164,12 @@ def _json_array_rows(path: Path) -> Iterator[Row]:
         line += text.count("\n", i, j)
         return j
 
-    def fail(i: int, what: str) -> DataError:
+    def fail(what: str) -> DataError:
         return DataError(f"{path}:{line}: {what}; a JSON array file cannot be read past it (or use JSONL)")
 
     pos = skip(0)
     if text[pos : pos + 1] != "[":
-        raise fail(pos, "expected a JSON array of objects")
+        raise fail("expected a JSON array of objects")
     pos = skip(pos + 1)
     if text[pos : pos + 1] == "]":
         return
@@ -178,7 +179,7 @@ def _json_array_rows(path: Path) -> Iterator[Row]:
             obj, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as e:
             line = e.lineno
-            raise fail(e.pos, f"invalid JSON: {e.msg} at column {e.colno}") from None
+            raise fail(f"invalid JSON: {e.msg} at column {e.colno}") from None
         line += text.count("\n", pos, end)
         where = Location(str(path), start_line, "line")
         yield where, obj if isinstance(obj, dict) else RecordError(f"expected a JSON object, got {json_type(obj)}")
@@ -186,10 +187,10 @@ def _json_array_rows(path: Path) -> Iterator[Row]:
         sep = text[pos : pos + 1]
         if sep == "]":
             if text[skip(pos + 1) :]:
-                raise fail(pos, "text after the closing ']'")
+                raise fail("text after the closing ']'")
             return
         if sep != ",":
-            raise fail(pos, f"expected ',' or ']' after an array element, got {sep or 'the end of the file'!r}")
+            raise fail(f"expected ',' or ']' after an array element, got {sep or 'the end of the file'!r}")
         pos = skip(pos + 1)
 
 
