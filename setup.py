@@ -25,13 +25,17 @@ setup(
         "psutil",  # megatron.core.dist_checkpointing
         "einops",  # megatron.core.hyper_comm_grid
         "matplotlib",  # plots/*.png in run directories
+        "pyarrow",  # Parquet and Arrow data files (imported only when a file is one)
     ],
     extras_require={
         # transformers: HF conversion is checked against it; tensorboard: run dirs write events when it is present
-        "test": ["pytest>=8", "pytest-timeout", "transformers", "tensorboard"],
+        "test": ["pytest>=8", "pytest-timeout", "transformers", "tensorboard", "datasets"],
         # Transformer Engine fused kernels (GPU). Apex is optional too but is built from
         # source (NGC PyTorch containers ship both); megarlhf runs without either.
         "gpu": ["transformer-engine[pytorch]"],
+        # datasets.save_to_disk folders and hub:NAME@SPLIT data (its many dependencies stay
+        # out of a plain install; the error when it is missing names this extra)
+        "datasets": ["datasets"],
     },
     entry_points={"console_scripts": ["megarlhf=megarlhf.cli:main"]},
 )

@@ -233,7 +233,8 @@ class PPOConfig(RolloutConfig):
     """Checkpoint the critic starts from ('' = the reward model, or the SFT policy's body
     with a fresh value head when there is no reward model)."""
     ptx_file: str = ""
-    """SFT JSONL ({"prompt","response"} or {"messages"}) for the ppo.ptx_coef term."""
+    """SFT data ({"prompt","response"} or {"messages"}, any format data.train_file takes,
+    the same data.*_key columns) for the ppo.ptx_coef term."""
     ptx_batch_size: int = 0
     """SFT sequences per actor optimizer step for the ptx term (0 = the PPO minibatch
     size, global_batch_size / num_mini_batches)."""

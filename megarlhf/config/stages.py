@@ -21,7 +21,8 @@ class SFTConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     """Optimizer and LR schedule."""
     data: DataConfig = field(default_factory=DataConfig)
-    """Tokenizer and JSONL files ({"prompt","response"} or {"messages": [...]})."""
+    """Tokenizer and data files ({"prompt","response"} or {"messages": [...]}; JSONL, JSON,
+    Parquet, Arrow, save_to_disk folders or hub: names, see docs/data.md)."""
     train: RunConfig = field(default_factory=RunConfig)
     """Steps, batch sizes, logging, checkpoints."""
     init_from: str = ""
@@ -78,9 +79,10 @@ class DPOConfig(SFTConfig):
     """TP/PP of the reference (0 = the policy's); another layout needs
     precompute_ref_log_probs."""
     win_rate_prompts: str = ""
-    """RL prompts JSONL ({"prompt"[, "answer"]}) to measure the policy's win rate against the
-    reference at every evaluation: both answer each prompt (sampled, the same seed per
-    prompt for both), `reward_fn` scores both answers; ties count half ('' = off)."""
+    """RL prompts file ({"prompt"[, "answer"]}, any data format) to measure the policy's
+    win rate against the reference at every evaluation: both answer each prompt (sampled,
+    the same seed per prompt for both), `reward_fn` scores both answers; ties count half
+    ('' = off)."""
     reward_fn: str = ""
     """Rule 'module:function' that scores the answers for win_rate_prompts."""
     win_rate_response_length: int = 24

@@ -86,19 +86,46 @@ class DataConfig:
     tokenizer: str = ""
     """Path to a sentencepiece .model or a Hugging Face tokenizer.json (or their folder)."""
     train_file: str = ""
-    """JSONL training data."""
+    """Training data: JSONL, a JSON array, Parquet (a file or a folder of them), an Arrow
+    file, a datasets.save_to_disk folder, or hub:NAME[:CONFIG][@SPLIT] (docs/data.md)."""
     eval_file: str = ""
-    """JSONL held-out data ('' = no evaluation)."""
+    """Held-out data, in any format train_file takes ('' = no evaluation)."""
+    prompt_key: str = "prompt"
+    """Column holding the prompt (a string or a message list); a dotted name reads a
+    nested field (every data.*_key applies to every file the stage reads)."""
+    response_key: str = "response"
+    """Column holding the SFT response (a string or assistant messages)."""
+    messages_key: str = "messages"
+    """Column holding a whole SFT conversation (a message list)."""
+    chosen_key: str = "chosen"
+    """Column holding the preferred completion (a string or messages)."""
+    rejected_key: str = "rejected"
+    """Column holding the dispreferred completion (a string or messages)."""
+    answer_key: str = "answer"
+    """Column holding an RL prompt's reference answer, e.g. reward_model.ground_truth for
+    verl's Parquet files; when set to another name the column must be present and non-null."""
     max_length: int = 128
     """Tokens per sample (prompt + response); every batch is padded to this length."""
     truncation: Literal["error", "right", "drop"] = "error"
-    """A sample longer than max_length: fail with file:line, cut its end, or drop it."""
+    """A sample longer than max_length: fail with file:line (or row), cut its end, or drop it."""
     on_error: Literal["error", "skip"] = "error"
-    """A malformed line: fail with file:line, or skip it and count it."""
+    """A malformed line or row (or a preference pair whose chosen equals its rejected):
+    fail naming file:line (or file row N) and column, or skip it and count it by reason."""
 
     def __post_init__(self):
         if self.max_length < 2:
             raise ConfigError(f"data.max_length = {self.max_length}: must be >= 2")
+        for key, column in self.columns().items():
+            if not column or column.startswith(".") or column.endswith(".") or ".." in column:
+                raise ConfigError(
+                    f"data.{key}_key = {column!r}: expected a column name, dotted for a nested field "
+                    f"(e.g. reward_model.ground_truth); the default is {key!r}"
+                )
+
+    def columns(self) -> dict[str, str]:
+        """Record key -> the column it is read from (data.prompt_key, ...)."""
+        keys = ("prompt", "response", "messages", "chosen", "rejected", "answer")
+        return {k: getattr(self, f"{k}_key") for k in keys}
 
 
 def even_microbatch_size(rows: int, at_most: int) -> int:

@@ -1,15 +1,17 @@
-"""Layer: data/ — tokenizers, chat template, JSONL datasets, collation, sampler, synthetic task.
+"""Layer: data/ — tokenizers, chat template, row readers and datasets, collation, sampler, synthetic task.
 
 Imports only torch, numpy, stdlib, sentencepiece, tokenizers and megarlhf.config (tqdm
-only when a progress bar is asked for); never Megatron, never torch.distributed.
+only when a progress bar is asked for, pyarrow / `datasets` only when a source needs
+them); never Megatron, never torch.distributed.
 """
 
 from megarlhf.data.chat import ChatTemplate, Message, pair_to_messages
 from megarlhf.data.collate import collate_preference, collate_prompts, collate_sft, pad_right
 from megarlhf.data.datasets import PreferenceDataset, PromptDataset, SFTDataset
 from megarlhf.data.jsonl import (
-    PreferenceRecord, PromptRecord, RecordError, SFTRecord, parse_preference, parse_prompt, parse_sft, read_jsonl,
+    PreferenceRecord, PromptRecord, RecordError, SFTRecord, parse_preference, parse_prompt, parse_sft,
 )  # fmt: skip
+from megarlhf.data.readers import Location, Records, open_rows, read_jsonl
 from megarlhf.data.sampler import ShardedSampler
 from megarlhf.data.synthetic import (
     make_preferences, make_prompts, make_sft, sort_reward, sorted_answer, write_synthetic,
@@ -19,10 +21,10 @@ from megarlhf.data.tokenizer import (
 )  # fmt: skip
 
 __all__ = [
-    "CHAT_MARKERS", "ChatTemplate", "HFTokenizer", "Message", "PreferenceDataset", "PreferenceRecord",
-    "PromptDataset", "PromptRecord", "RecordError", "SFTDataset", "SFTRecord", "SentencePieceTokenizer",
+    "CHAT_MARKERS", "ChatTemplate", "HFTokenizer", "Location", "Message", "PreferenceDataset", "PreferenceRecord",
+    "PromptDataset", "PromptRecord", "RecordError", "Records", "SFTDataset", "SFTRecord", "SentencePieceTokenizer",
     "ShardedSampler", "Tokenizer", "collate_preference", "collate_prompts", "collate_sft", "load_tokenizer",
-    "make_preferences", "make_prompts", "make_sft", "pad_right", "pair_to_messages", "parse_preference",
+    "make_preferences", "make_prompts", "make_sft", "open_rows", "pad_right", "pair_to_messages", "parse_preference",
     "parse_prompt", "parse_sft", "read_jsonl", "sort_reward", "sorted_answer", "train_sentencepiece",
     "write_synthetic",
 ]  # fmt: skip

@@ -1,19 +1,23 @@
-"""Tokenized in-memory datasets for SFT, preference (RM/DPO) and RL-prompt JSONL files.
+"""Tokenized in-memory datasets for SFT, preference (RM/DPO) and RL-prompt data.
 
 Layer: data/ (imports torch, stdlib, megarlhf.config and data.*; tqdm only when asked for).
 
-Each dataset reads its file once, tokenizes every record with the chat template, and
-keeps tensors. Length policy (`truncation`), for a sample longer than `max_length`:
+Each dataset reads its source once through `data.readers` (JSONL, JSON, Parquet, Arrow,
+save_to_disk folders, hub names; rows streamed, columns mapped by `columns`), tokenizes
+every record with the chat template, and keeps tensors only.
+
+Length policy (`truncation`), for a sample longer than `max_length`:
   - "error": raise `DataError("file:line: ... has N tokens, max_length is M ...")`;
   - "right": cut the end; a cut that leaves no response token is a bad line (an error, or
     skipped and counted under `on_error="skip"`);
   - "drop": skip the sample and count it.
-`num_skipped` counts bad lines skipped under `on_error="skip"` plus dropped samples.
+`num_skipped` counts bad rows skipped under `on_error="skip"` plus dropped samples;
+`skip_summary()` breaks them down by reason.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,8 +26,10 @@ import torch
 from megarlhf.config.errors import ConfigError, DataError
 from megarlhf.data.chat import ChatTemplate, Message
 from megarlhf.data.jsonl import (
-    PreferenceRecord, PromptRecord, RecordError, SFTRecord, parse_preference, parse_prompt, parse_sft, read_jsonl,
+    PREFERENCE_COLUMNS, PROMPT_COLUMNS, SFT_COLUMNS, PreferenceRecord, PromptRecord, RecordError, SFTRecord,
+    parse_preference, parse_prompt, parse_sft,
 )  # fmt: skip
+from megarlhf.data.readers import Location, Records
 from megarlhf.data.tokenizer import Tokenizer
 
 TRUNCATIONS = ("error", "right", "drop")
@@ -59,32 +65,48 @@ def _check_options(max_length: int, truncation: str, allowed: tuple[str, ...] = 
 
 
 class _TokenizedDataset:
-    """Items built once from a JSONL file; `lines[i]` is the file line of item i."""
+    """Items built once from a data source, row by row (rows are read lazily and only the
+    tokenized tensors are kept); `locations[i]` is where item i came from."""
 
     def __init__(
         self, path: str | Path, parse: Callable[[dict], Any], encode: Callable[[Any], dict | None],
-        on_error: Literal["error", "skip"], progress: bool,
+        on_error: Literal["error", "skip"], progress: bool, columns: Mapping[str, str] | None, keys: Sequence[str],
     ):  # fmt: skip
         self.source = str(path)
-        records, self.num_skipped = read_jsonl(path, parse, on_error)
+        mapped = {k: v for k, v in (columns or {}).items() if k in keys}
+        self.records = Records(path, parse, on_error, mapped)
         self._items: list[dict] = []
-        self.lines: list[int] = []
-        for lineno, record in _progress(records, progress, f"tokenizing {Path(path).name}"):
+        self.locations: list[Location] = []
+        desc = f"tokenizing {Path(self.source).name}"
+        for where, record in _progress(self.records, progress, desc, self.records.total):
             try:
                 item = encode(record)
             except _TooLong as e:
-                raise DataError(f"{path}:{lineno}: {e}") from None
+                raise DataError(f"{where}: {e}") from None
             except RecordError as e:
-                if on_error == "error":
-                    raise DataError(f"{path}:{lineno}: {e}") from None
-                item = None
+                self.records.reject(where, e)
+                continue
             if item is None:
-                self.num_skipped += 1
+                self.records.drop(where, "over max_length (truncation=drop)")
                 continue
             self._items.append(item)
-            self.lines.append(lineno)
+            self.locations.append(where)
         if not self._items:
-            raise DataError(f"{path}: no usable samples ({self.num_skipped} skipped)")
+            raise DataError(f"{self.source}: no usable samples ({self.skip_summary()})")
+
+    @property
+    def num_skipped(self) -> int:
+        """Rows skipped under on_error="skip" plus samples dropped for their length."""
+        return self.records.num_skipped
+
+    def skip_summary(self) -> str:
+        """How many rows were left out, by reason, each with the first such row."""
+        return self.records.summary()
+
+    @property
+    def lines(self) -> list[int]:
+        """Line (JSON text) or row (columnar) number of each item."""
+        return [where.index for where in self.locations]
 
     def __len__(self) -> int:
         return len(self._items)
@@ -100,12 +122,12 @@ class _TokenizedDataset:
             item[key] = value
 
 
-def _progress(records: list, enabled: bool, desc: str) -> Iterable:
+def _progress(records: Iterable, enabled: bool, desc: str, total: int | None = None) -> Iterable:
     if not enabled:
         return records
     from megarlhf.output import progress_bar  # only the CLI asks for a bar
 
-    return progress_bar(records, desc=desc, unit="sample")
+    return progress_bar(records, desc=desc, unit="sample", total=total)
 
 
 class SFTDataset(_TokenizedDataset):
@@ -114,6 +136,7 @@ class SFTDataset(_TokenizedDataset):
     def __init__(
         self, path: str | Path, tokenizer: Tokenizer, template: ChatTemplate, max_length: int,
         truncation: Truncation = "error", on_error: Literal["error", "skip"] = "error", progress: bool = False,
+        columns: Mapping[str, str] | None = None,
     ):  # fmt: skip
         _check_options(max_length, truncation)
         template.marker_ids(tokenizer)  # a bad template is a config error, before any data error
@@ -126,7 +149,7 @@ class SFTDataset(_TokenizedDataset):
             return {"input_ids": torch.tensor(fitted[0], dtype=torch.long),
                     "loss_mask": torch.tensor(fitted[1], dtype=torch.float)}  # fmt: skip
 
-        super().__init__(path, parse_sft, encode, on_error, progress)
+        super().__init__(path, parse_sft, encode, on_error, progress, columns, SFT_COLUMNS)
 
 
 def _render_completion(tokenizer: Tokenizer, template: ChatTemplate, prompt: list[Message], completion: list[Message]):
@@ -144,6 +167,7 @@ class PreferenceDataset(_TokenizedDataset):
     def __init__(
         self, path: str | Path, tokenizer: Tokenizer, template: ChatTemplate, max_length: int,
         truncation: Truncation = "error", on_error: Literal["error", "skip"] = "error", progress: bool = False,
+        columns: Mapping[str, str] | None = None,
     ):  # fmt: skip
         _check_options(max_length, truncation)
         template.marker_ids(tokenizer)
@@ -159,7 +183,7 @@ class PreferenceDataset(_TokenizedDataset):
                 item[f"{side}_mask"] = torch.tensor(fitted[1], dtype=torch.float)
             return item
 
-        super().__init__(path, parse_preference, encode, on_error, progress)
+        super().__init__(path, parse_preference, encode, on_error, progress, columns, PREFERENCE_COLUMNS)
 
 
 class PromptDataset(_TokenizedDataset):
@@ -173,7 +197,7 @@ class PromptDataset(_TokenizedDataset):
     def __init__(
         self, path: str | Path, tokenizer: Tokenizer, template: ChatTemplate, max_length: int,
         truncation: Literal["error", "drop"] = "error", on_error: Literal["error", "skip"] = "error",
-        progress: bool = False,
+        progress: bool = False, columns: Mapping[str, str] | None = None,
     ):  # fmt: skip
         _check_options(max_length, truncation, allowed=("error", "drop"))
         template.marker_ids(tokenizer)
@@ -192,4 +216,4 @@ class PromptDataset(_TokenizedDataset):
                 "meta": record.meta,
             }
 
-        super().__init__(path, parse_prompt, encode, on_error, progress)
+        super().__init__(path, parse_prompt, encode, on_error, progress, columns, PROMPT_COLUMNS)

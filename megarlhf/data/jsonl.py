@@ -1,87 +1,52 @@
-"""JSONL reading and record validation: every bad line is named by `file:line` and reason.
+"""Record schemas: one parser per kind of record, each naming what is wrong with a row.
 
 Layer: data/ (imports stdlib, megarlhf.config and data.chat only).
 
-`read_jsonl` owns the file and the line numbers; a parser owns one record's schema and
-raises `RecordError("what is wrong")`, to which `read_jsonl` prepends `file:line:`. Under
-`on_error="skip"` a bad line is dropped and counted; the count is returned so callers
-report it (nothing is skipped silently).
+A parser takes one row (a dict: a JSON object, or a Parquet/Arrow row after the column
+mapping) and returns a record, or raises `RecordError("what is wrong")`, to which the row
+reader (`data.readers.Records`) prepends the location (`file:line` or `file row N`).
+Under `on_error="skip"` a bad row is dropped and counted by its `kind`; nothing is
+skipped silently.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any
 
-from megarlhf.config.errors import ConfigError, DataError
 from megarlhf.data.chat import ROLES, Message, pair_to_messages
 
-T = TypeVar("T")
-ON_ERROR = ("error", "skip")
+SFT_COLUMNS = ("prompt", "response", "messages")
+"""Record keys parse_sft reads (each mappable with data.<key>_key)."""
+PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
+"""Record keys parse_preference reads."""
+PROMPT_COLUMNS = ("prompt", "answer")
+"""Record keys parse_prompt reads."""
+OPTIONAL_COLUMNS = ("answer",)
+"""Keys a parser accepts as absent: when mapped to a column, that column is required."""
 
 
 class RecordError(ValueError):
-    """One record is malformed; the message says what is wrong (no file or line yet)."""
+    """One record is malformed; the message says what is wrong (no file or line yet).
 
-
-def read_jsonl(
-    path: str | Path, parse: Callable[[dict], T], on_error: Literal["error", "skip"] = "error"
-) -> tuple[list[tuple[int, T]], int]:
-    """Parse each non-blank line of `path` with `parse`.
-
-    Returns ([(line_number, record), ...], number_of_skipped_lines). Line numbers are
-    1-based and travel with the records so later stages (tokenization, length checks) can
-    still point at the line.
+    `column`: the record key at fault, where one is (the reader names its mapped column);
+    `kind`: how a skipped record is counted under on_error="skip".
     """
-    if on_error not in ON_ERROR:
-        raise ConfigError(f"on_error={on_error!r}; expected one of {ON_ERROR}")
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file (expected a JSONL file, one JSON object per line)")
-    records: list[tuple[int, T]] = []
-    skipped = 0
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            try:
-                text = raw.decode("utf-8").strip()
-                if not text:
-                    continue  # blank lines (e.g. a trailing newline) are not records
-                obj = _loads(text)
-                records.append((lineno, parse(obj)))
-            except (RecordError, UnicodeDecodeError) as e:
-                if on_error == "error":
-                    raise DataError(f"{path}:{lineno}: {_reason(e)}") from e
-                skipped += 1
-    return records, skipped
+
+    def __init__(self, message: str, column: str | None = None, kind: str = "bad rows"):
+        super().__init__(message)
+        self.column, self.kind = column, kind
 
 
-def _loads(text: str) -> dict:
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise RecordError(f"invalid JSON: {e.msg} at column {e.colno}") from e
-    if not isinstance(obj, dict):
-        raise RecordError(f"expected a JSON object, got {_json_type(obj)}")
-    return obj
-
-
-def _reason(e: Exception) -> str:
-    if isinstance(e, UnicodeDecodeError):
-        return f"not valid UTF-8 (byte {e.start} of the line)"
-    return str(e)
-
-
-def _json_type(value: Any) -> str:
+def json_type(value: Any) -> str:
+    """The JSON name of a value's type ('null', 'string', ...), else its Python type name."""
     names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
     return "null" if value is None else names.get(type(value), type(value).__name__)
 
 
 def _field(obj: dict, key: str) -> Any:
     if key not in obj:
-        raise RecordError(f"missing key {key!r} (keys present: {sorted(obj)})")
+        raise RecordError(f"missing key {key!r} (keys present: {sorted(obj)})", column=key)
     return obj[key]
 
 
@@ -89,30 +54,32 @@ def _text(obj: dict, key: str) -> str:
     """A required, non-empty string field."""
     value = _field(obj, key)
     if not isinstance(value, str):
-        raise RecordError(f"{key!r} must be a string, got {_json_type(value)}")
+        raise RecordError(f"{key!r} must be a string, got {json_type(value)}", column=key)
     if not value:
-        raise RecordError(f"{key!r} is an empty string")
+        raise RecordError(f"{key!r} is an empty string", column=key)
     return value
 
 
 def _messages(value: Any, key: str) -> list[Message]:
     """A non-empty list of {"role", "content"} objects (other keys in a message are ignored)."""
     if not isinstance(value, list):
-        raise RecordError(f"{key!r} must be an array of messages, got {_json_type(value)}")
+        raise RecordError(f"{key!r} must be an array of messages, got {json_type(value)}", column=key)
     if not value:
-        raise RecordError(f"{key!r} is an empty array")
+        raise RecordError(f"{key!r} is an empty array", column=key)
     out: list[Message] = []
     for i, m in enumerate(value):
         where = f"{key}[{i}]"
         if not isinstance(m, dict):
-            raise RecordError(f"{where} must be an object with 'role' and 'content', got {_json_type(m)}")
+            raise RecordError(
+                f"{where} must be an object with 'role' and 'content', got {json_type(m)}", column=key
+            )
         for k in ("role", "content"):
             if k not in m:
-                raise RecordError(f"{where}: missing key {k!r}")
+                raise RecordError(f"{where}: missing key {k!r}", column=key)
         if m["role"] not in ROLES:
-            raise RecordError(f"{where}.role must be one of {ROLES}, got {m['role']!r}")
+            raise RecordError(f"{where}.role must be one of {ROLES}, got {m['role']!r}", column=key)
         if not isinstance(m["content"], str):
-            raise RecordError(f"{where}.content must be a string, got {_json_type(m['content'])}")
+            raise RecordError(f"{where}.content must be a string, got {json_type(m['content'])}", column=key)
         out.append({"role": m["role"], "content": m["content"]})
     return out
 
@@ -121,7 +88,9 @@ def _answering(value: Any, key: str) -> list[Message]:
     """Messages that contain an answer to learn from."""
     messages = _messages(value, key)
     if not any(m["role"] == "assistant" and m["content"] for m in messages):
-        raise RecordError(f"{key!r} has no assistant message with non-empty content (nothing to learn from)")
+        raise RecordError(
+            f"{key!r} has no assistant message with non-empty content (nothing to learn from)", column=key
+        )
     return messages
 
 
@@ -160,14 +129,27 @@ class PromptRecord:
 
 
 def parse_sft(obj: dict) -> SFTRecord:
-    """`{"prompt": str, "response": str}` or `{"messages": [...]}` (with an assistant answer)."""
-    if "messages" in obj:
-        if "prompt" in obj or "response" in obj:
-            raise RecordError("has both 'messages' and 'prompt'/'response'; use one form")
-        return SFTRecord(_answering(obj["messages"], "messages"))
+    """`{"prompt": str, "response": str}` or `{"messages": [...]}` (with an assistant answer).
+
+    A null counts as absent when picking the form: a Parquet/Arrow file holding both forms
+    has nulls in the other form's columns. A `prompt` next to `messages` (no `response`) is
+    accepted when it is the text of the first user message, as in HuggingFaceH4/ultrachat_200k."""
+    present = {k for k in ("messages", "prompt", "response") if obj.get(k) is not None}
+    if "messages" in present or ("messages" in obj and not present):
+        messages = _answering(obj["messages"], "messages")
+        if "response" in present or ("prompt" in present and obj["prompt"] != _first_user(messages)):
+            raise RecordError(
+                "has both 'messages' and 'prompt'/'response' (a prompt other than the first user message's "
+                "text); use one form"
+            )
+        return SFTRecord(messages)
     if "prompt" not in obj and "response" not in obj:
         raise RecordError(f"missing key 'messages' or 'prompt'+'response' (keys present: {sorted(obj)})")
     return SFTRecord(pair_to_messages(_text(obj, "prompt"), _text(obj, "response")))
+
+
+def _first_user(messages: list[Message]) -> str | None:
+    return next((m["content"] for m in messages if m["role"] == "user"), None)
 
 
 def _prompt_messages(obj: dict) -> list[Message]:
@@ -176,13 +158,56 @@ def _prompt_messages(obj: dict) -> list[Message]:
         return [{"role": "user", "content": _text(obj, "prompt")}]
     messages = _messages(value, "prompt")
     if messages[-1]["role"] == "assistant":
-        raise RecordError("'prompt' messages must not end with an assistant message (that is the response)")
+        raise RecordError(
+            "'prompt' messages must not end with an assistant message (that is the response)", column="prompt"
+        )
     return messages
 
 
 def parse_preference(obj: dict) -> PreferenceRecord:
-    """`{"prompt": str|messages, "chosen": str|messages, "rejected": str|messages}`."""
-    return PreferenceRecord(_prompt_messages(obj), _completion(obj, "chosen"), _completion(obj, "rejected"))
+    """`{"prompt": str|messages, "chosen": str|messages, "rejected": str|messages}`.
+
+    Hub preference sets often repeat the prompt inside the completions: message-list
+    completions that start with the prompt's messages have them removed (else the prompt
+    would be rendered twice), and without a prompt (absent or null) the prompt is the
+    messages chosen and rejected share up to their last non-assistant one (TRL's
+    "implicit prompt"). A pair whose chosen equals its rejected expresses no preference
+    and is rejected (kind "chosen equals rejected", counted apart under on_error=skip)."""
+    chosen, rejected = _completion(obj, "chosen"), _completion(obj, "rejected")
+    if obj.get("prompt") is None and isinstance(obj["chosen"], list) and isinstance(obj["rejected"], list):
+        prompt = _shared_prompt(chosen, rejected)
+    else:
+        prompt = _prompt_messages(obj)
+    chosen, rejected = (_after(prompt, side, key) for side, key in ((chosen, "chosen"), (rejected, "rejected")))
+    if chosen == rejected:
+        raise RecordError(
+            "'chosen' equals 'rejected': the pair expresses no preference (its loss gradient is 0 for DPO "
+            "and only pushes both rewards together for an RM); fix or remove it, or set data.on_error=skip "
+            "to drop such pairs (they are counted)",
+            column="chosen", kind="chosen equals rejected",
+        )  # fmt: skip
+    return PreferenceRecord(prompt, chosen, rejected)
+
+
+def _shared_prompt(chosen: list[Message], rejected: list[Message]) -> list[Message]:
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    while n and chosen[n - 1]["role"] == "assistant":
+        n -= 1  # a prompt ends where the assistant is to answer
+    if n == 0:
+        raise RecordError(
+            "no 'prompt', and 'chosen' and 'rejected' share no leading messages to take it from; add a prompt "
+            "column (or name it with data.prompt_key)", column="prompt",
+        )  # fmt: skip
+    return chosen[:n]
+
+
+def _after(prompt: list[Message], completion: list[Message], key: str) -> list[Message]:
+    """`completion` without a leading copy of `prompt`; what remains must answer."""
+    if len(completion) > len(prompt) and completion[: len(prompt)] == prompt:
+        return _answering(completion[len(prompt) :], key)
+    return completion
 
 
 def parse_prompt(obj: dict) -> PromptRecord:

@@ -69,6 +69,7 @@ class DPOTrainer(SupervisedTrainer):
             self.reward_fn = load_reward_fn(cfg.reward_fn)
             self.win_prompts = PromptDataset(
                 cfg.win_rate_prompts, self.tokenizer, self.template, max_length=cfg.model.max_seq_length - cfg.win_rate_response_length,
+                on_error=cfg.data.on_error, columns=cfg.data.columns(),
             )  # fmt: skip
         if cfg.precompute_ref_log_probs:
             self._precompute_reference()

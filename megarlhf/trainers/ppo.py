@@ -92,6 +92,7 @@ class PPOTrainer(RolloutTrainer):
             self.ptx_data = SFTDataset(
                 cfg.ptx_file, self.tokenizer, self.template, max_length=cfg.model.max_seq_length,
                 truncation="error", on_error=cfg.data.on_error, progress=self.ctx.is_main,
+                columns=cfg.data.columns(),
             )  # fmt: skip
             self.ptx_sampler = ShardedSampler(len(self.ptx_data), cfg.ptx_rows, 0, 1, seed=cfg.train.seed + 1)
 

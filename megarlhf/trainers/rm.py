@@ -29,7 +29,7 @@ class RewardModelTrainer(SupervisedTrainer):
         d = self.cfg.data
         return PreferenceDataset(
             path, self.tokenizer, self.template, max_length=d.max_length,
-            truncation=d.truncation, on_error=d.on_error, progress=progress,
+            truncation=d.truncation, on_error=d.on_error, progress=progress, columns=d.columns(),
         )  # fmt: skip
 
     def sample_length(self, item) -> int:

@@ -169,7 +169,7 @@ class RolloutTrainer:
             raise ConfigError("data.truncation = right would cut a prompt's assistant marker: use error or drop")
         load = partial(
             PromptDataset, tokenizer=self.tokenizer, template=self.template, max_length=cfg.data.max_length,
-            truncation=cfg.data.truncation, on_error=cfg.data.on_error,
+            truncation=cfg.data.truncation, on_error=cfg.data.on_error, columns=cfg.data.columns(),
         )  # fmt: skip
         self.prompts = load(cfg.data.train_file, progress=self.ctx.is_main)
         self.eval_prompts = load(cfg.data.eval_file) if cfg.data.eval_file else None
@@ -487,7 +487,8 @@ class RolloutTrainer:
         compiled += ["decode step"] if self.generator.compile else []
         return (
             f"megarlhf {self.stage}: {self.cfg.model.num_parameters('lm') / 1e6:.2f}M-parameter policy, "
-            f"{len(self.prompts)} prompts, {self.cfg.train.global_batch_size} prompts per iteration; "
+            f"{len(self.prompts)} prompts ({self.prompts.skip_summary()}), "
+            f"{self.cfg.train.global_batch_size} prompts per iteration; "
             f"{layouts}; refit {self.refit}" + (f"; torch.compile: {', '.join(compiled)}" if compiled else "")
         )
 

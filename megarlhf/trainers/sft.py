@@ -21,7 +21,7 @@ class SFTTrainer(SupervisedTrainer):
         d = self.cfg.data
         return SFTDataset(
             path, self.tokenizer, self.template, max_length=d.max_length,
-            truncation=d.truncation, on_error=d.on_error, progress=progress,
+            truncation=d.truncation, on_error=d.on_error, progress=progress, columns=d.columns(),
         )  # fmt: skip
 
     def sample_length(self, item) -> int:

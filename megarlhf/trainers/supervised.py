@@ -130,7 +130,10 @@ class SupervisedTrainer:
         run.say(
             f"megarlhf {self.stage}: {self.cfg.model.num_parameters(self.head) / 1e6:.2f}M parameters, "
             f"layout {self.groups.layout}, {len(self.train_data)} training samples "
-            f"({self.train_data.num_skipped} skipped), global batch {cfg.global_batch_size} = "
+            f"({self.train_data.skip_summary()})"
+            + ("" if self.eval_data is None else
+               f", {len(self.eval_data)} eval samples ({self.eval_data.skip_summary()})")
+            + f", global batch {cfg.global_batch_size} = "
             f"{cfg.micro_batch_size} x {self.num_microbatches} microbatches x {self.dp} dp"
             + (f"; torch.compile: {', '.join(compiled)}" if (compiled := self.compiled_roles()) else "")
         )

@@ -9,7 +9,8 @@ from megarlhf.config import ConfigError, DataError
 from megarlhf.data.chat import ChatTemplate
 from megarlhf.data.collate import collate_preference, collate_prompts, collate_sft, pad_right
 from megarlhf.data.datasets import PreferenceDataset, PromptDataset, SFTDataset
-from megarlhf.data.jsonl import parse_preference, parse_prompt, parse_sft, read_jsonl
+from megarlhf.data.jsonl import parse_preference, parse_prompt, parse_sft
+from megarlhf.data.readers import read_jsonl
 from megarlhf.data.tokenizer import load_tokenizer, train_sentencepiece
 
 CORPUS = [
@@ -107,7 +108,9 @@ GOOD_SFT = {"prompt": "sort: 7 2 9 4", "response": "2 4 7 9"}
         ({"messages": [{"role": "user"}]}, parse_sft, "messages[0]: missing key 'content'"),
         ({"messages": [{"role": "user", "content": 1}]}, parse_sft, "messages[0].content must be a string, got number"),
         ({"messages": "hi"}, parse_sft, "'messages' must be an array of messages, got string"),
-        ({"messages": [], "prompt": "a"}, parse_sft, "has both 'messages' and 'prompt'/'response'"),
+        ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "prompt": "c"},
+         parse_sft, "has both 'messages' and 'prompt'/'response'"),
+        ({"messages": [{"role": "assistant", "content": "b"}], "response": "b"}, parse_sft, "has both 'messages'"),
         ({"prompt": "a", "chosen": "b"}, parse_preference, "missing key 'rejected'"),
         ({"prompt": "a", "chosen": "b", "rejected": None}, parse_preference, "'rejected' must be an array of messages"),
         ({"prompt": "a", "chosen": "b", "rejected": ""}, parse_preference, "'rejected' is an empty string"),
@@ -214,7 +217,7 @@ def test_truncation_error_is_not_silenced_by_skip_mode(tok, tmp_path):
 
 def test_dataset_with_no_usable_sample_fails(tok, tmp_path):
     path = write_lines(tmp_path / "sft.jsonl", ["bad", {"prompt": "x"}])
-    with pytest.raises(DataError, match=r"sft.jsonl: no usable samples \(2 skipped\)"):
+    with pytest.raises(DataError, match=r"sft.jsonl: no usable samples \(2 skipped: 2 bad rows \(first: .*sft.jsonl:1: inv"):
         SFTDataset(path, tok, TEMPLATE, max_length=64, on_error="skip")
 
 

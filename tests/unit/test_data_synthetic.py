@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from megarlhf.config import ConfigError
-from megarlhf.data.jsonl import parse_preference, parse_prompt, parse_sft, read_jsonl
+from megarlhf.data.jsonl import parse_preference, parse_prompt, parse_sft
+from megarlhf.data.readers import read_jsonl
 from megarlhf.data.synthetic import make_preferences, make_prompts, make_sft, sort_reward, write_synthetic
 
 SIZES = dict(n_sft=200, n_pref_train=100, n_pref_test=50, n_prompts_train=100, n_prompts_test=50)

@@ -180,7 +180,8 @@ def write_trl_jsonl(stage: str, cfg, out: Path) -> int:
 
     tok, d = load_tokenizer(cfg.data.tokenizer), cfg.data
     dataset_cls = SFTDataset if stage == "sft" else PreferenceDataset
-    data = dataset_cls(d.train_file, tok, ChatTemplate(), d.max_length, truncation=d.truncation, on_error=d.on_error)
+    data = dataset_cls(d.train_file, tok, ChatTemplate(), d.max_length, truncation=d.truncation, on_error=d.on_error,
+                       columns=d.columns())
     with open(out, "w", encoding="utf-8") as f:
         for it in data:
             if stage == "sft":

@@ -172,7 +172,7 @@ def write_prompts(cfg, out: Path, to_row) -> int:
 
     d = cfg.data
     data = PromptDataset(d.train_file, load_tokenizer(d.tokenizer), ChatTemplate(), d.max_length,
-                         truncation=d.truncation, on_error=d.on_error)  # fmt: skip
+                         truncation=d.truncation, on_error=d.on_error, columns=d.columns())  # fmt: skip
     with open(out, "w", encoding="utf-8") as f:
         for it in data:
             f.write(json.dumps(to_row(it)) + "\n")
