@@ -13,6 +13,7 @@ dataclasses are built, so that what the user wrote can be told from defaults). W
     section from config.json, the tokenizer from the folder; a bare PATH becomes `hf:PATH`,
 each `model.*` and `data.*` key the user did not write is filled in. An explicit model.*
 value that changes the architecture the weights need is a ConfigError naming both values.
+A path that does not exist here (`megarlhf launch` on a login node) is left to the trainer.
 """
 
 from __future__ import annotations
@@ -82,8 +83,8 @@ def model_source(path: str) -> tuple[str, ModelConfig, dict[str, str], str]:
 def apply_model_source(tree: dict) -> None:
     """Fill the config tree's model and data sections from the model it starts from (in place)."""
     key = next((k for k in SOURCE_KEYS if tree.get(k)), None)
-    if key is None:
-        return
+    if key is None or not Path(str(tree[key]).removeprefix("hf:")).exists():
+        return  # nothing to read here (a path on the cluster seen from a login node): all explicit
     path, source, data, origin = model_source(str(tree[key]))
     tree[key] = path
     model = tree.setdefault("model", {})
