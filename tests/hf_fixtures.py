@@ -126,3 +126,24 @@ def transformers_tokenizer(folder: str | Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(folder))
+
+
+def tiny_llama(folder: str | Path, style: str = "chatml", seed: int = 0) -> Path:
+    """A random Llama (2 layers, hidden 64, GQA 4/2) saved by transformers as an HF model
+    folder, with a tokenizer of `style` (its files next to the weights, as on the Hub)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = hf_tokenizer(folder, style)
+    tok = transformers_tokenizer(folder)
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config)
+    generation = (folder / "generation_config.json").read_text()
+    model.save_pretrained(folder, safe_serialization=True)
+    (folder / "generation_config.json").write_text(generation)  # the tokenizer style's EOS ids
+    return folder
