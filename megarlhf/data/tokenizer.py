@@ -269,6 +269,15 @@ def load_tokenizer(path: str | Path, bos: str | None = None, eos: str | None = N
             "tokenizer.json, or a directory holding one (tools/train_tokenizer.py makes a .model)"
         )
     if p.suffix == ".model":
+        if (p.parent / "tokenizer_config.json").is_file():
+            # transformers' sentencepiece tokenizers split special pieces out of the text and
+            # add prefix spaces by rules of their own; rather than guess them, ask for the
+            # tokenizer.json that transformers itself writes.
+            raise ConfigError(
+                f"{p}: a Hugging Face folder with a sentencepiece tokenizer.model and no tokenizer.json; write "
+                f"one with: python -c \"from transformers import AutoTokenizer as A; "
+                f"A.from_pretrained('{p.parent}').save_pretrained('{p.parent}')\""
+            )
         return SentencePieceTokenizer(p, bos, eos, pad)
     if p.suffix == ".json":
         return HFTokenizer(p, bos, eos, pad)

@@ -242,3 +242,10 @@ def test_special_token_overrides_and_their_errors(folders, tmp_path):
     with pytest.raises(ConfigError, match="no EOS token.*set data.eos_token"):
         load_tokenizer(folder)
     assert load_tokenizer(folder, eos="<|im_end|>").eos_ids == (tok.token_to_id("<|im_end|>"),)
+
+
+def test_hf_folder_with_only_a_sentencepiece_model_asks_for_tokenizer_json(tmp_path):
+    (tmp_path / "tokenizer.model").write_bytes(b"")
+    (tmp_path / "tokenizer_config.json").write_text("{}")
+    with pytest.raises(ConfigError, match="no tokenizer.json; write one with: python -c"):
+        load_tokenizer(tmp_path)
