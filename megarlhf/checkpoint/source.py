@@ -13,7 +13,8 @@ dataclasses are built, so that what the user wrote can be told from defaults). W
     section from config.json, the tokenizer from the folder; a bare PATH becomes `hf:PATH`,
 each `model.*` and `data.*` key the user did not write is filled in. An explicit model.*
 value that changes the architecture the weights need is a ConfigError naming both values.
-A path that does not exist here (`megarlhf launch` on a login node) is left to the trainer.
+A path that does not exist here (`megarlhf launch` on a login node), or holds no model, is
+left to the trainer (whose checkpoint loader exits with code 3 and says what is missing).
 """
 
 from __future__ import annotations
@@ -42,15 +43,19 @@ def _has_tokenizer(folder: Path) -> bool:
 
 def _run_dir(path: Path) -> Path | None:
     """The run directory of a run dir, its checkpoints/ folder or one iter_ folder."""
-    for cand in (path, path.parent, path.parent.parent):
-        if (cand / "model_config.yaml").is_file() or (cand / "config.yaml").is_file():
-            return cand
+    if path.name == "checkpoints":
+        path = path.parent
+    elif path.name.startswith("iter_") and path.parent.name == "checkpoints":
+        path = path.parent.parent
+    if (path / "model_config.yaml").is_file() or (path / "config.yaml").is_file():
+        return path
     return None
 
 
-def model_source(path: str) -> tuple[str, ModelConfig, dict[str, str], str]:
+def model_source(path: str) -> tuple[str, ModelConfig, dict[str, str], str] | None:
     """(the path as the trainers load it, its ModelConfig, the data.* fields it brings,
-    where the shape was read) for a converted checkpoint, a run directory or an HF folder."""
+    where the shape was read) for a converted checkpoint, a run directory or an HF folder;
+    None for anything else (the trainer's checkpoint loader then says what is missing)."""
     from megarlhf.checkpoint import hf as mapping
 
     p = Path(path[3:] if path.startswith("hf:") else path)
@@ -59,10 +64,7 @@ def model_source(path: str) -> tuple[str, ModelConfig, dict[str, str], str]:
         return f"hf:{p}", cfg, ({"tokenizer": str(p)} if _has_tokenizer(p) else {}), str(p / "config.json")
     run_dir = _run_dir(p)
     if run_dir is None:
-        raise ConfigError(
-            f"{path}: neither a megarlhf checkpoint (no model_config.yaml or config.yaml in it or above it) nor "
-            "a Hugging Face model folder (no config.json)"
-        )
+        return None
     data: dict[str, str] = {}
     for name, section in (("model_config.yaml", None), ("config.yaml", "model")):
         f = run_dir / name
@@ -85,7 +87,10 @@ def apply_model_source(tree: dict) -> None:
     key = next((k for k in SOURCE_KEYS if tree.get(k)), None)
     if key is None or not Path(str(tree[key]).removeprefix("hf:")).exists():
         return  # nothing to read here (a path on the cluster seen from a login node): all explicit
-    path, source, data, origin = model_source(str(tree[key]))
+    found = model_source(str(tree[key]))
+    if found is None:
+        return
+    path, source, data, origin = found
     tree[key] = path
     model = tree.setdefault("model", {})
     if not isinstance(model, dict):
