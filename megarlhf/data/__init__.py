@@ -1,10 +1,11 @@
-"""Layer: data/ — tokenizers, chat template, JSONL datasets, collation, sampler, synthetic task.
+"""Layer: data/ — tokenizers, chat templates, JSONL datasets, collation, sampler, synthetic task.
 
 Imports only torch, numpy, stdlib, sentencepiece, tokenizers and megarlhf.config (tqdm
-only when a progress bar is asked for); never Megatron, never torch.distributed.
+only when a progress bar is asked for; transformers' Jinja rendering when a model's own
+chat template is used); never Megatron, never torch.distributed.
 """
 
-from megarlhf.data.chat import ChatTemplate, Message, pair_to_messages
+from megarlhf.data.chat import ChatTemplate, Message, Template, pair_to_messages
 from megarlhf.data.collate import collate_preference, collate_prompts, collate_sft, pad_right
 from megarlhf.data.datasets import PreferenceDataset, PromptDataset, SFTDataset
 from megarlhf.data.jsonl import (
@@ -14,12 +15,14 @@ from megarlhf.data.sampler import ShardedSampler
 from megarlhf.data.synthetic import (
     make_preferences, make_prompts, make_sft, sort_reward, sorted_answer, write_synthetic,
 )  # fmt: skip
+from megarlhf.data.template import JinjaChatTemplate, TemplateError, load_chat_template, tokenizer_and_template
 from megarlhf.data.tokenizer import (
     CHAT_MARKERS, HFTokenizer, SentencePieceTokenizer, Tokenizer, load_tokenizer, train_sentencepiece,
 )  # fmt: skip
 
 __all__ = [
-    "CHAT_MARKERS", "ChatTemplate", "HFTokenizer", "Message", "PreferenceDataset", "PreferenceRecord",
+    "CHAT_MARKERS", "ChatTemplate", "HFTokenizer", "JinjaChatTemplate", "Message", "Template", "TemplateError",
+    "load_chat_template", "tokenizer_and_template", "PreferenceDataset", "PreferenceRecord",
     "PromptDataset", "PromptRecord", "RecordError", "SFTDataset", "SFTRecord", "SentencePieceTokenizer",
     "ShardedSampler", "Tokenizer", "collate_preference", "collate_prompts", "collate_sft", "load_tokenizer",
     "make_preferences", "make_prompts", "make_sft", "pad_right", "pair_to_messages", "parse_preference",
