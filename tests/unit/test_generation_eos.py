@@ -52,3 +52,16 @@ def test_generation_stops_on_every_eos_id_of_generation_config(single_rank, tmp_
     assert rows == [free[0][: i + 1], free[1][: j + 1]] and reasons == ["stop", "stop"]
     rows, _ = generate((tok.eos_id, a))  # without b, row 1 runs past it
     assert rows[0] == free[0][: i + 1] and len(rows[1]) > j + 1
+
+
+def test_rollout_batch_counts_a_row_ending_in_any_eos_id_as_finished():
+    import torch
+
+    from megarlhf.trainers.ppo_batches import rollout_batch
+
+    tokens = torch.tensor([[5, 6, 7, 0], [5, 6, 8, 0], [5, 6, 9, 0]])  # prompt [5], responses [6, x]
+    mask = torch.tensor([[0, 1, 1, 0]] * 3, dtype=torch.float)
+    batch = rollout_batch(tokens, mask, torch.tensor([1, 1, 1]), eos_id=(7, 8), pad_id=0, multiple=1, max_seq_length=8)
+    assert batch["finished"].tolist() == [True, True, False]
+    assert rollout_batch(tokens, mask, torch.tensor([1, 1, 1]), eos_id=7, pad_id=0, multiple=1,
+                         max_seq_length=8)["finished"].tolist() == [True, False, False]  # fmt: skip
