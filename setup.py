@@ -26,6 +26,10 @@ setup(
         "einops",  # megatron.core.hyper_comm_grid
         "matplotlib",  # plots/*.png in run directories
         "pyarrow",  # Parquet and Arrow data files (imported only when a file is one)
+        # a model's own chat template is rendered by transformers' render_jinja_template
+        # (what apply_chat_template calls), with its Jinja environment
+        "transformers>=4.50",
+        "jinja2>=3.1",
     ],
     extras_require={
         # transformers: HF conversion is checked against it; tensorboard: run dirs write events when it is present

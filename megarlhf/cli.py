@@ -151,10 +151,11 @@ def run_stage(name: str, config_path: str | None, overrides: list[str], resume: 
     import importlib
 
     import megarlhf.config as config_module
+    from megarlhf.checkpoint.source import apply_model_source
     from megarlhf.config import load_config
 
     _, config_name, module, trainer_name = STAGES[name]
-    cfg = load_config(getattr(config_module, config_name), config_path, overrides)
+    cfg = load_config(getattr(config_module, config_name), config_path, overrides, prepare=apply_model_source)
     trainer = getattr(importlib.import_module(module), trainer_name)(cfg, resume=resume)
     return trainer.fit()
 

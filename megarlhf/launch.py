@@ -383,7 +383,9 @@ def add_arguments(p: argparse.ArgumentParser, stages: list[str]) -> None:
 
 def build_job(args: argparse.Namespace, config_class: type) -> tuple[SlurmJob, list[str]]:
     """Load and check the config, resolve paths; (the job, warnings)."""
-    cfg = load_config(config_class, args.config, args.overrides)
+    from megarlhf.checkpoint.source import apply_model_source  # no Megatron: fine on a login node
+
+    cfg = load_config(config_class, args.config, args.overrides, prepare=apply_model_source)
     job = SlurmJob(
         stage=args.stage, nodes=args.nodes, gpus_per_node=args.gpus_per_node, cpu=args.cpu,
         cpus_per_node=args.cpus_per_node, launcher=args.launcher, partition=args.partition,

@@ -2,8 +2,7 @@
 """Convert a Hugging Face model folder into a megarlhf checkpoint (Megatron dist_checkpointing).
 
     python tools/convert_hf_to_megatron.py /models/Llama-3.2-1B out/llama1b
-    megarlhf sft --config sft.yaml init_from=out/llama1b \\
-        data.tokenizer=out/llama1b/hf/tokenizer.json model.num_layers=16 ...
+    megarlhf sft --config sft.yaml init_from=out/llama1b data.train_file=chat.jsonl
 
 Reads config.json and model.safetensors (or the shards listed in
 model.safetensors.index.json) shard by shard, tensor by tensor, and writes
@@ -11,10 +10,13 @@ model.safetensors.index.json) shard by shard, tensor by tensor, and writes
     OUT/checkpoints/iter_0000000/actor/   the weights (reward/ for a *ForSequenceClassification)
     OUT/checkpoints/latest
     OUT/model_config.yaml                 megarlhf's ModelConfig of these weights
-    OUT/hf/                               config.json, tokenizer and generation files (used on export)
+    OUT/hf/                               every file of the folder but the weights: config.json,
+                                          tokenizer.json, tokenizer_config.json, special_tokens_map.json,
+                                          chat_template.jinja, generation_config.json
 
-The checkpoint loads at any TP/PP (`init_from=OUT`, or `load_model_weights`). The model
-overrides to use are printed at the end. Supported: Llama, Mistral and Qwen2
+The checkpoint loads at any TP/PP (`init_from=OUT`, or `load_model_weights`). `init_from=OUT`
+(or sft_model_path=OUT) is all a stage needs: the model shape comes from model_config.yaml,
+the tokenizer, special tokens and chat template from hf/ (docs/bring-your-own-model.md). Supported: Llama, Mistral and Qwen2
 (*ForCausalLM; *ForSequenceClassification with num_labels=1 as a reward model), with
 plain RoPE or Llama 3.1/3.2's 'llama3' RoPE scaling (other rope types are refused).
 Runs on CPU and holds one copy of the model (plus the HF tensors of one shard at most).
@@ -92,7 +94,7 @@ def main(argv=None) -> int:
     rss, child = peak_rss_gib()
     print(f"wrote {path / role} and {args.out / 'model_config.yaml'}; copied {', '.join(copied)} to {args.out / 'hf'}")
     print(f"time {time.perf_counter() - t0:.1f} s, peak RSS {rss:.2f} GiB (largest child process {child:.2f} GiB)")
-    print(f"use: init_from={args.out} " + " ".join(mapping.model_overrides(cfg)))
+    print(f"use: init_from={args.out} (model shape from model_config.yaml, tokenizer and chat template from hf/)")
     return 0
 
 

@@ -16,6 +16,7 @@ import inspect
 import textwrap
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
 
@@ -123,6 +124,11 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
+def convert_field(cls: type, name: str, value: Any) -> Any:
+    """`value` as dataclass `cls`'s field `name` would hold it (ConfigError if it cannot)."""
+    return _convert(value, _hints(cls)[name], name)
+
+
 def build(cls: type[T], values: dict[str, Any], prefix: str = "") -> T:
     """Instantiate dataclass `cls` from a (nested) mapping, converting every value."""
     hints = _hints(cls)
@@ -165,8 +171,11 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     return out
 
 
-def load_config(cls: type[T], path: str | Path | None, overrides: list[str] = ()) -> T:
-    """Read YAML `path` (optional), apply `key.sub=value` overrides, build `cls`."""
+def load_config(
+    cls: type[T], path: str | Path | None, overrides: list[str] = (), prepare: Callable[[dict], None] | None = None
+) -> T:
+    """Read YAML `path` (optional), apply `key.sub=value` overrides, let `prepare` fill in
+    the raw tree (the CLI's: checkpoint.source.apply_model_source), build `cls`."""
     tree: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -181,6 +190,8 @@ def load_config(cls: type[T], path: str | Path | None, overrides: list[str] = ()
         tree = loaded
     for key, value in parse_overrides(list(overrides)):
         _set_dotted(tree, key, value)
+    if prepare is not None:
+        prepare(tree)
     return build(cls, tree)
 
 

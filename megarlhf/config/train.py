@@ -84,7 +84,23 @@ class DataConfig:
     """Where the data and tokenizer come from and how samples are shaped."""
 
     tokenizer: str = ""
-    """Path to a sentencepiece .model or a Hugging Face tokenizer.json (or their folder)."""
+    """Path to a sentencepiece .model, a Hugging Face tokenizer.json, or a folder holding one
+    (an HF model folder, or a converted checkpoint's hf/ folder: its tokenizer_config.json,
+    special_tokens_map.json and generation_config.json name the special tokens, every
+    eos_token_id stops generation). '' with init_from / sft_model_path set = that model's."""
+    bos_token: str = ""
+    """BOS piece, overriding the tokenizer's files ('' = theirs; 'none' = the model has no BOS)."""
+    eos_token: str = ""
+    """EOS piece, overriding the tokenizer's files ('' = theirs)."""
+    pad_token: str = ""
+    """PAD piece, overriding the tokenizer's files ('' = theirs, else EOS; padding is found from
+    lengths, so a PAD equal to EOS never hides the real EOS from the loss)."""
+    chat_template: str = ""
+    """'' = the tokenizer's own Jinja template (tokenizer_config.json's chat_template or
+    chat_template.jinja; megarlhf's role markers for a sentencepiece model or a bare
+    tokenizer.json); 'builtin' = megarlhf's role markers; or a path to a Jinja template."""
+    train_on: Literal["all_assistant", "last_assistant"] = "all_assistant"
+    """Which assistant turns of a conversation the loss trains on."""
     train_file: str = ""
     """Training data: JSONL, a JSON array, Parquet (a file or a folder of them), an Arrow
     file, a datasets.save_to_disk folder, or hub:NAME[:CONFIG][@SPLIT] (docs/data.md)."""

@@ -24,7 +24,7 @@ from typing import Any, Literal
 import torch
 
 from megarlhf.config.errors import ConfigError, DataError
-from megarlhf.data.chat import ChatTemplate, Message
+from megarlhf.data.chat import Message, Template
 from megarlhf.data.jsonl import (
     PREFERENCE_COLUMNS, PROMPT_COLUMNS, SFT_COLUMNS, PreferenceRecord, PromptRecord, RecordError, SFTRecord,
     parse_preference, parse_prompt, parse_sft,
@@ -134,12 +134,12 @@ class SFTDataset(_TokenizedDataset):
     """Items: `{"input_ids": LongTensor[L], "loss_mask": FloatTensor[L]}`, L <= max_length."""
 
     def __init__(
-        self, path: str | Path, tokenizer: Tokenizer, template: ChatTemplate, max_length: int,
+        self, path: str | Path, tokenizer: Tokenizer, template: Template, max_length: int,
         truncation: Truncation = "error", on_error: Literal["error", "skip"] = "error", progress: bool = False,
         columns: Mapping[str, str] | None = None,
     ):  # fmt: skip
         _check_options(max_length, truncation)
-        template.marker_ids(tokenizer)  # a bad template is a config error, before any data error
+        template.check(tokenizer)  # a bad template is a config error, before any data error
 
         def encode(record: SFTRecord) -> dict | None:
             ids, mask = template.render(tokenizer, record.messages)
@@ -152,12 +152,10 @@ class SFTDataset(_TokenizedDataset):
         super().__init__(path, parse_sft, encode, on_error, progress, columns, SFT_COLUMNS)
 
 
-def _render_completion(tokenizer: Tokenizer, template: ChatTemplate, prompt: list[Message], completion: list[Message]):
+def _render_completion(tokenizer: Tokenizer, template: Template, prompt: list[Message], completion: list[Message]):
     """Prompt + completion, masked on the completion's assistant tokens only (assistant turns
     inside a multi-turn prompt are context, not the preference being scored)."""
-    ids, mask = template.render(tokenizer, prompt + completion)
-    n_prompt = len(template.render(tokenizer, prompt)[0])
-    return ids, [0] * n_prompt + mask[n_prompt:]
+    return template.render(tokenizer, prompt + completion, context_turns=len(prompt))
 
 
 class PreferenceDataset(_TokenizedDataset):
@@ -165,12 +163,12 @@ class PreferenceDataset(_TokenizedDataset):
     masks are 1 on the response tokens (and their EOS)."""
 
     def __init__(
-        self, path: str | Path, tokenizer: Tokenizer, template: ChatTemplate, max_length: int,
+        self, path: str | Path, tokenizer: Tokenizer, template: Template, max_length: int,
         truncation: Truncation = "error", on_error: Literal["error", "skip"] = "error", progress: bool = False,
         columns: Mapping[str, str] | None = None,
     ):  # fmt: skip
         _check_options(max_length, truncation)
-        template.marker_ids(tokenizer)
+        template.check(tokenizer)
 
         def encode(record: PreferenceRecord) -> dict | None:
             item = {}
@@ -195,12 +193,12 @@ class PromptDataset(_TokenizedDataset):
     """
 
     def __init__(
-        self, path: str | Path, tokenizer: Tokenizer, template: ChatTemplate, max_length: int,
+        self, path: str | Path, tokenizer: Tokenizer, template: Template, max_length: int,
         truncation: Literal["error", "drop"] = "error", on_error: Literal["error", "skip"] = "error",
         progress: bool = False, columns: Mapping[str, str] | None = None,
     ):  # fmt: skip
         _check_options(max_length, truncation, allowed=("error", "drop"))
-        template.marker_ids(tokenizer)
+        template.check(tokenizer)
 
         def encode(record: PromptRecord) -> dict | None:
             ids = template.render_prompt(tokenizer, record.prompt)

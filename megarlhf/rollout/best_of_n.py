@@ -47,7 +47,7 @@ def best_of_n(
     seeds = [hash((seed, i, j)) % 2**62 for i in range(len(prompt_ids)) for j in range(n)]
     out = engine.generate(flat, params, seeds)
     responses = [out.response_ids(k) for k in range(len(flat))]
-    texts = [decode([t for t in r if t != engine.eos_id]) for r in responses]
+    texts = [decode([t for t in r if t not in engine.eos_ids]) for r in responses]
     scores = torch.tensor(
         reward_fn([p for p in prompts_text for _ in range(n)], texts, [a for a in answers for _ in range(n)]),
         dtype=torch.float,

@@ -39,6 +39,7 @@ importance ratio is 1. Top-k/top-p only decide which token is drawn.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -94,7 +95,7 @@ class GenerationEngine:
         groups: RoleGroups,
         *,
         vocab_size: int,
-        eos_id: int,
+        eos_id: int | Sequence[int],
         pad_id: int,
         cuda_graphs: bool = False,
         compile: bool = False,
@@ -107,7 +108,10 @@ class GenerationEngine:
         self.model = model
         self.groups = groups
         self.vocab_size = vocab_size
-        self.eos_id = eos_id
+        # Every EOS id stops a sample (generation_config.json may list several: Llama-3's
+        # <|end_of_text|> and <|eot_id|>); eos_id is the first.
+        self.eos_ids = (eos_id,) if isinstance(eos_id, int) else tuple(int(i) for i in eos_id)
+        self.eos_id = self.eos_ids[0]
         self.pad_id = pad_id
         # Left padding needs a core attention that applies the mask it is given in prefill
         # and decode alike; see the module docstring.
@@ -188,7 +192,7 @@ class GenerationEngine:
         response_mask = torch.zeros(b, total, device=device)
         done = torch.zeros(b, dtype=torch.bool, device=device)
         stopped_any = torch.zeros(b, dtype=torch.bool, device=device)
-        stop_ids = torch.tensor(sorted({self.eos_id, *params.stop_token_ids}), device=device)
+        stop_ids = torch.tensor(sorted({*self.eos_ids, *params.stop_token_ids}), device=device)
         # Row i's k-th response token is drawn with uniforms[i, k]: its own seed's stream.
         uniforms = row_uniforms(seeds, params.max_new_tokens, device)
         rows = torch.arange(b, device=device)

@@ -273,7 +273,7 @@ class DPOTrainer(SupervisedTrainer):
         n = len(self.win_prompts)
         items = [self.win_prompts[min(i, n - 1)] for i in range(n + (-n % groups.layout.dp))]
         rows = shard_rows(len(items), groups)
-        engine = GenerationEngine(model, groups, vocab_size=tok.vocab_size, eos_id=tok.eos_id, pad_id=tok.pad_id)
+        engine = GenerationEngine(model, groups, vocab_size=tok.vocab_size, eos_id=tok.eos_ids, pad_id=tok.pad_id)
         sampling = SamplingParams(max_new_tokens=cfg.win_rate_response_length, temperature=cfg.win_rate_temperature)
         model.eval()
         out = engine.generate([items[i]["prompt_ids"].tolist() for i in rows], sampling, seeds=[cfg.train.seed * 100_003 + i for i in rows])
@@ -282,7 +282,7 @@ class DPOTrainer(SupervisedTrainer):
             texts = []
             for j in range(len(rows)):
                 keep = out.response_mask[j].bool()
-                texts.append(tok.decode([t for t in out.tokens[j][keep].tolist() if t != tok.eos_id]))
+                texts.append(tok.decode([t for t in out.tokens[j][keep].tolist() if t not in tok.eos_ids]))
             mine = [items[i] for i in rows]
             local = torch.tensor(self.reward_fn([it["prompt_text"] for it in mine], texts, [it["answer"] for it in mine]), dtype=torch.float64)
         scores = gather_rows(local, rows, (len(items),), owner=is_row_owner(groups), dtype=torch.float64, device=self.device)

@@ -9,6 +9,8 @@ trainer reads as the algorithm.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -21,14 +23,16 @@ Batch = dict[str, torch.Tensor]
 
 def rollout_batch(
     tokens: torch.Tensor, mask: torch.Tensor, prompt_lengths: torch.Tensor, *,
-    eos_id: int, pad_id: int, multiple: int, max_seq_length: int,
+    eos_id: int | Sequence[int], pad_id: int, multiple: int, max_seq_length: int,
 ) -> Batch:  # fmt: skip
     """tokens [N, T] and the response mask -> the batch PPO works on: lengths, last-token
-    index, EOS flags; columns trimmed to the longest row rounded up to `multiple`."""
+    index, EOS flags (a row ending in any of the EOS ids finished); columns trimmed to the
+    longest row rounded up to `multiple`."""
     response_lengths = mask.sum(1).long()
     lengths = prompt_lengths + response_lengths
     last = lengths - 1
-    finished = tokens.gather(1, last.unsqueeze(1)).squeeze(1) == eos_id
+    eos_ids = torch.tensor([eos_id] if isinstance(eos_id, int) else list(eos_id), device=tokens.device)
+    finished = torch.isin(tokens.gather(1, last.unsqueeze(1)).squeeze(1), eos_ids)
     t = -(-int(lengths.max()) // multiple) * multiple
     if t > max_seq_length:
         t = int(lengths.max())

@@ -36,7 +36,8 @@ from megarlhf.checkpoint.dist_ckpt import (
     save_checkpoint,
 )
 from megarlhf.config import ConfigError, ModelConfig, RolloutConfig
-from megarlhf.data import ChatTemplate, PromptDataset, ShardedSampler, load_tokenizer
+from megarlhf.data import PromptDataset, ShardedSampler
+from megarlhf.data.template import tokenizer_and_template
 from megarlhf.engine.engine import TrainEngine
 from megarlhf.engine.schedule import run_microbatches
 from megarlhf.models.backbone import build_model
@@ -95,9 +96,8 @@ class RolloutTrainer:
         self.ctx = build_parallel_context(layouts)
         seed_all(cfg.train.seed, self.ctx["actor"])
 
-        self.tokenizer = load_tokenizer(cfg.data.tokenizer)
+        self.tokenizer, self.template = tokenizer_and_template(cfg.data)
         self.vocab_size = self.tokenizer.vocab_size
-        self.template = ChatTemplate()
         self._load_data()
         self.row_multiple = self._check_batch_sizes()
         self.reward_fn = load_reward_fn(cfg.reward_fn) if cfg.reward_fn else None
@@ -214,7 +214,7 @@ class RolloutTrainer:
         self.refit = WeightRefit(self.actor.module, ctx["actor"], engine_model, ctx["rollout"])
         self.generator = GenerationEngine(
             engine_model, ctx["rollout"], vocab_size=self.vocab_size,
-            eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id,
+            eos_id=self.tokenizer.eos_ids, pad_id=self.tokenizer.pad_id,
             cuda_graphs=cfg.generation.cuda_graphs, compile=cfg.generation.compile,
         )  # fmt: skip
         self.device = next(actor.parameters()).device
@@ -333,7 +333,7 @@ class RolloutTrainer:
         works on, with enough columns for every role's rounded microbatch length."""
         return rollout_batch(
             tokens, mask, torch.tensor([len(it["prompt_ids"]) for it in items]),
-            eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id,
+            eos_id=self.tokenizer.eos_ids, pad_id=self.tokenizer.pad_id,
             multiple=math.lcm(*(self._length_multiple(g) for g in self.ctx.roles.values())),
             max_seq_length=self.cfg.model.max_seq_length,
         )  # fmt: skip
@@ -411,7 +411,7 @@ class RolloutTrainer:
             texts, prompts, answers = [], [], []
             for i in rows:
                 p, r = int(batch["prompt_lengths"][i]), int(batch["response_lengths"][i])
-                ids = [t for t in batch["tokens"][i, p : p + r].tolist() if t != self.tokenizer.eos_id]
+                ids = [t for t in batch["tokens"][i, p : p + r].tolist() if t not in self.tokenizer.eos_ids]
                 texts.append(self.tokenizer.decode(ids))
                 prompts.append(items[i]["prompt_text"])
                 answers.append(items[i]["answer"])

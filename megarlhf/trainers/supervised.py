@@ -26,7 +26,8 @@ from megarlhf.checkpoint.dist_ckpt import (
 )
 from megarlhf.checkpoint.hf import copy_hf_metadata, load_hf_weights
 from megarlhf.config import ConfigError, SFTConfig
-from megarlhf.data import ChatTemplate, ShardedSampler, load_tokenizer
+from megarlhf.data import ShardedSampler
+from megarlhf.data.template import tokenizer_and_template
 from megarlhf.engine.engine import TrainEngine
 from megarlhf.models.backbone import build_model
 from megarlhf.parallel import Layout, build_parallel_context, init_distributed, seed_all
@@ -52,13 +53,12 @@ class SupervisedTrainer:
         self.dp, self.dp_rank = self.groups.layout.dp, self.groups.dp_rank
         self.num_microbatches = cfg.train.num_microbatches(self.dp)
 
-        self.tokenizer = load_tokenizer(cfg.data.tokenizer)
+        self.tokenizer, self.template = tokenizer_and_template(cfg.data)
         if self.tokenizer.vocab_size > cfg.model.vocab_size:
             raise ConfigError(
                 f"model.vocab_size = {cfg.model.vocab_size} is smaller than the tokenizer's "
                 f"{self.tokenizer.vocab_size} ({cfg.data.tokenizer}): raise model.vocab_size"
             )
-        self.template = ChatTemplate()
         self.train_data = self.load_dataset(cfg.data.train_file, progress=self.ctx.is_main)
         self.eval_data = self.load_dataset(cfg.data.eval_file, progress=False) if cfg.data.eval_file else None
         self.sampler = ShardedSampler(

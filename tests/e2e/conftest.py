@@ -64,3 +64,32 @@ def resume_after_crash(stage: str, straight: Path, crashed: Path, kept: int, los
     out = megarlhf(stage, *args, f"train.run_dir={crashed}", "--resume", "auto")
     assert out.returncode == 0, out.stderr[-4000:]
     assert "resumed from" in out.stdout + out.stderr
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    """One JSON object per line (the data writers are a parameter of the HF-model tests:
+    other formats add a writer with this signature)."""
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+DATA_WRITERS = {"jsonl": (".jsonl", write_jsonl)}
+"""Format name -> (file suffix, writer(path, rows) -> the path to pass as data.*_file)."""
+
+
+@pytest.fixture(scope="session")
+def converted_llama(tmp_path_factory) -> Path:
+    """A tiny random HF Llama with a ChatML tokenizer (tests/hf_fixtures.py), converted by
+    tools/convert_hf_to_megatron.py: the directory a user passes as init_from."""
+    from tests.hf_fixtures import tiny_llama
+
+    root = tmp_path_factory.mktemp("hf_llama")
+    src = tiny_llama(root / "hf_model", "chatml")
+    out = root / "converted"
+    env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=str(REPO))
+    done = subprocess.run([sys.executable, "tools/convert_hf_to_megatron.py", str(src), str(out)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    return out

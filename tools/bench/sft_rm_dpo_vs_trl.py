@@ -176,11 +176,13 @@ def split_pair(item: dict) -> dict:
 
 def write_trl_jsonl(stage: str, cfg, out: Path) -> int:
     """megarlhf's tokenization of the training file, as TRL's columns; returns rows."""
-    from megarlhf.data import ChatTemplate, PreferenceDataset, SFTDataset, load_tokenizer
+    from megarlhf.data import PreferenceDataset, SFTDataset
+    from megarlhf.data.template import tokenizer_and_template
 
-    tok, d = load_tokenizer(cfg.data.tokenizer), cfg.data
+    d = cfg.data
+    tok, template = tokenizer_and_template(d)
     dataset_cls = SFTDataset if stage == "sft" else PreferenceDataset
-    data = dataset_cls(d.train_file, tok, ChatTemplate(), d.max_length, truncation=d.truncation, on_error=d.on_error,
+    data = dataset_cls(d.train_file, tok, template, d.max_length, truncation=d.truncation, on_error=d.on_error,
                        columns=d.columns())
     with open(out, "w", encoding="utf-8") as f:
         for it in data:

@@ -168,10 +168,11 @@ def read_metrics(run_dir: Path) -> list[dict]:
 def write_prompts(cfg, out: Path, to_row) -> int:
     """Writes megarlhf's tokenization of the training prompts (its chat template) to `out`
     as JSONL, one `to_row(item)` per prompt of its PromptDataset; returns the prompts."""
-    from megarlhf.data import ChatTemplate, PromptDataset, load_tokenizer
+    from megarlhf.data import PromptDataset
+    from megarlhf.data.template import tokenizer_and_template
 
     d = cfg.data
-    data = PromptDataset(d.train_file, load_tokenizer(d.tokenizer), ChatTemplate(), d.max_length,
+    data = PromptDataset(d.train_file, *tokenizer_and_template(d), d.max_length,
                          truncation=d.truncation, on_error=d.on_error, columns=d.columns())  # fmt: skip
     with open(out, "w", encoding="utf-8") as f:
         for it in data:
