@@ -29,7 +29,7 @@ class GenerateConfig:
     """Tokenizer ('' = the checkpoint's: a Hugging Face folder's own files, a converted
     model's hf/ folder, or the training run's data.tokenizer) and prompt shaping:
     max_length bounds a prompt's tokens (truncation 'error' or 'drop'), on_error handles
-    bad lines."""
+    bad lines. data.train_file and data.eval_file are not used: the prompts come from `prompts`."""
     layout: LayoutConfig = field(default_factory=LayoutConfig)
     """Tensor-parallel size of the engine; the world's other ranks are data-parallel
     replicas sharing the prompts. The engine runs TP-only: layout.pp must be 1."""

@@ -5,7 +5,9 @@ saved with save_pretrained and converted with tools/convert_hf_to_megatron.py. G
 responses to prompts of different lengths (one batch: left padding in the engine) must be
 token-for-token transformers' greedy `generate` of each prompt alone, from the converted
 checkpoint at TP1 and from the HF folder itself at TP2 on 2 ranks. The TP1 run also scores
-with a rule and must print and write the summary with its interval.
+with a rule and must print and write the summary with its interval; the TP2 run scores with
+a converted random reward model (LlamaForSequenceClassification), whose scores must be
+transformers' on the same prompt + response ids.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ MAX_NEW = 10
 
 @pytest.fixture(scope="module")
 def tiny_llama(task_data, tmp_path_factory):
-    """(HF folder, converted checkpoint, tokenizer)."""
+    """(HF folder, converted checkpoint, tokenizer, HF reward model folder, converted reward model)."""
     from megarlhf.data import load_tokenizer
 
     tok = load_tokenizer(task_data["tokenizer"])
@@ -41,12 +43,14 @@ def tiny_llama(task_data, tmp_path_factory):
     with torch.no_grad():  # sharpen the random model so greedy argmaxes are far from ties
         model.lm_head.weight.mul_(8.0)
     model.save_pretrained(root / "hf")
-    out = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "convert_hf_to_megatron.py"), str(root / "hf"), str(root / "converted")],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
-    return root / "hf", root / "converted", tok
+    transformers.LlamaForSequenceClassification(transformers.LlamaConfig(**config.to_dict(), num_labels=1)).save_pretrained(root / "rm")
+    for src, dst in (("hf", "converted"), ("rm", "rm_converted")):
+        out = subprocess.run(
+            [sys.executable, str(REPO / "tools" / "convert_hf_to_megatron.py"), str(root / src), str(root / dst)],
+            cwd=REPO, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    return root / "hf", root / "converted", tok, root / "rm", root / "rm_converted"
 
 
 def transformers_greedy(hf_dir, tok, prompts: list[str]) -> list[list[int]]:
@@ -70,7 +74,9 @@ def read_jsonl(path) -> list[dict]:
 
 
 def test_greedy_generate_matches_transformers(tiny_llama, task_data, tmp_path):
-    hf_dir, converted, tok = tiny_llama
+    from megarlhf.data import ChatTemplate
+
+    hf_dir, converted, tok, rm_dir, rm_converted = tiny_llama
     rows = [json.loads(line) for line in open(task_data["prompts_test"])][:3]
     rows[1]["prompt"] = rows[1]["prompt"] + " " + rows[1]["prompt"]  # a longer prompt in the same batch
     prompts = tmp_path / "prompts.jsonl"
@@ -96,8 +102,17 @@ def test_greedy_generate_matches_transformers(tiny_llama, task_data, tmp_path):
     assert summary["ci_method"] == "wilson" and summary["ci_low"] <= summary["mean"] <= summary["ci_high"]
     assert "accuracy" in run.stdout and "95% CI" in run.stdout
 
-    # TP2 on 2 ranks, straight from the Hugging Face folder.
+    # TP2 on 2 ranks, straight from the Hugging Face folder, scored by the reward model.
     out2 = tmp_path / "tp2.jsonl"
-    run = megarlhf("generate", "--model", hf_dir, "--prompts", prompts, "--output", out2, "--tp", "2", *common, nproc=2)
+    run = megarlhf("generate", "--model", hf_dir, "--prompts", prompts, "--output", out2, "--tp", "2",
+                   f"reward_model_path={rm_converted}", *common, nproc=2)  # fmt: skip
     assert run.returncode == 0, run.stderr[-4000:]
-    assert [r["response_ids"] for r in read_jsonl(out2)] == expected
+    got = read_jsonl(out2)
+    assert [r["response_ids"] for r in got] == expected
+    rm = transformers.LlamaForSequenceClassification.from_pretrained(rm_dir, dtype=torch.float32).eval()
+    for r, row in zip(got, rows):
+        ids = torch.tensor([ChatTemplate().render_prompt(tok, row["prompt"]) + r["response_ids"]])
+        with torch.no_grad():
+            assert r["rm_score"] == pytest.approx(rm(ids).logits[0, 0].item(), abs=1e-4)
+        assert r["score"] == r["rm_score"]
+    assert "mean score" in run.stdout and "bootstrap" in run.stdout
