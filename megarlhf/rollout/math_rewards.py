@@ -158,11 +158,16 @@ def ground_truth(answer: Any) -> str | None:
 
 # --- math-verify in a killable child process ----------------------------------------------------
 def _math_verify(predicted: str, truth: str) -> bool:
+    import logging
+
     from math_verify import parse, verify
 
+    logging.getLogger("math_verify").setLevel(logging.ERROR)  # it warns on every call that its timeout is off
+
     # Timeouts off inside the child (they use signal.alarm); the parent kills the child instead.
+    # The extracted answers are bare LaTeX: math-verify finds LaTeX inside $...$ delimiters.
     gold = parse(f"${truth}$", parsing_timeout=None)
-    pred = parse(predicted if "$" in predicted or "\\" in predicted else f"${predicted}$", parsing_timeout=None)
+    pred = parse(f"${predicted}$", parsing_timeout=None)
     return bool(verify(gold, pred, timeout_seconds=None))
 
 

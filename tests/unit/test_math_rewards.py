@@ -202,3 +202,13 @@ def test_call_with_timeout_works_off_the_main_thread():
     assert results["slow"] == "timed out" and results["slow_s"] < 20
     assert results["fast"] == "done"
     assert results["raises"] == "failed"
+
+
+def test_math_verify_for_symbolic_answers():
+    """With math-verify installed (an optional extra), answers that are no plain numbers
+    are compared symbolically, in the killable child process."""
+    pytest.importorskip("math_verify")
+    assert answers_equal(r"\frac{\sqrt{2}}{2}", r"\sqrt{2}/2", use_math_verify=True)
+    assert answers_equal("x^2+2x+1", "(x+1)^2", use_math_verify=True)
+    assert not answers_equal(r"\pi", "3", use_math_verify=True)
+    assert not answers_equal(r"\frac{\sqrt{2}}{2}", r"\sqrt{2}/2")  # without it: strings differ
