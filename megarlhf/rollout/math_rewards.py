@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import re
+import threading
 from collections.abc import Callable, Sequence
 from fractions import Fraction
 from typing import Any
@@ -137,6 +138,8 @@ def answers_equal(predicted: str | None, truth: Any, use_math_verify: bool = Fal
     if _clean(predicted) == _clean(truth):
         return True
     if use_math_verify:
+        import math_verify  # noqa: F401 (imported here once, so each forked child starts with it loaded)
+
         return bool(call_with_timeout(_math_verify, (predicted, truth), timeout_s, default=False))
     return False
 
@@ -171,37 +174,70 @@ def _math_verify(predicted: str, truth: str) -> bool:
     return bool(verify(gold, pred, timeout_seconds=None))
 
 
-def _child(conn, fn, args) -> None:
-    try:
-        conn.send((True, fn(*args)))
-    except BaseException as err:  # reported to the parent, which returns the default
-        conn.send((False, repr(err)))
-    finally:
-        conn.close()
+def _serve(conn) -> None:
+    """The worker process: answer (fn, args) requests until the pipe closes."""
+    while True:
+        try:
+            fn, args = conn.recv()
+        except EOFError:
+            return
+        try:
+            conn.send((True, fn(*args)))
+        except BaseException as err:  # reported to the parent, which returns the default
+            conn.send((False, repr(err)))
+
+
+class _Worker:
+    """One long-lived child process per calling process (each rank has its own), replaced
+    only when a call times out: a check costs a round trip through a pipe, not a fork."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.proc = None
+        self.conn = None
+
+    def _start(self) -> None:
+        methods = mp.get_all_start_methods()
+        ctx = mp.get_context("fork" if "fork" in methods else "spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_serve, args=(child,), daemon=True)
+        self.proc.start()
+        child.close()
+
+    def _stop(self) -> None:
+        if self.proc is not None and self.proc.is_alive():
+            self.proc.kill()
+        if self.proc is not None:
+            self.proc.join()
+            self.conn.close()
+        self.proc = self.conn = None
+
+    def call(self, fn: Callable, args: tuple, timeout_s: float, default: Any) -> Any:
+        with self.lock:
+            if self.proc is None or not self.proc.is_alive():
+                self._stop()
+                self._start()
+            try:
+                self.conn.send((fn, args))
+                if self.conn.poll(timeout_s):
+                    ok, value = self.conn.recv()
+                    return value if ok else default
+            except (EOFError, BrokenPipeError, OSError):  # the worker died mid-call
+                pass
+            self._stop()  # timed out (or died): kill it, a fresh one serves the next call
+            return default
+
+
+_WORKER = _Worker()
 
 
 def call_with_timeout(fn: Callable, args: tuple, timeout_s: float, default: Any = None) -> Any:
     """fn(*args) in a child process, killed after timeout_s seconds -> `default` (also when
     fn raises). Unlike `signal.alarm` this works from any thread, e.g. inside a worker rank's
-    scoring thread; the child is forked where the platform allows (no re-import)."""
-    methods = mp.get_all_start_methods()
-    ctx = mp.get_context("fork" if "fork" in methods else "spawn")
-    recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(send, fn, args), daemon=True)
-    proc.start()
-    send.close()
-    try:
-        if recv.poll(timeout_s):
-            ok, value = recv.recv()
-            return value if ok else default
-        return default
-    except EOFError:  # the child died without answering
-        return default
-    finally:
-        if proc.is_alive():
-            proc.kill()
-        proc.join()
-        recv.close()
+    scoring thread. The child is forked where the platform allows (it starts with what the
+    parent imported) and serves later calls too; only a timeout replaces it. `fn` must be a
+    module-level function (it is pickled to the child)."""
+    return _WORKER.call(fn, args, timeout_s, default)
 
 
 def math_verify_available() -> bool:
