@@ -37,3 +37,15 @@ def test_worked_solutions_are_right():
             checked += 1
     assert checked >= len(rows)
     assert all(int(t["ground_truth"]) >= 0 for t in truths)
+
+
+def test_config_sketches_validate():
+    """The recipe's configs pass megarlhf's validation (they run once the trainers read the
+    model's own tokenizer specials and chat template)."""
+    from pathlib import Path
+
+    from megarlhf.config import GRPOConfig, SFTConfig, load_config
+
+    here = Path(__file__).resolve().parents[2] / "examples" / "smollm2"
+    assert load_config(GRPOConfig, here / "grpo.yaml").model.num_parameters() > 130e6
+    assert load_config(SFTConfig, here / "sft.yaml").init_from == "runs/smollm2/model"
