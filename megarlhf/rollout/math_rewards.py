@@ -31,6 +31,7 @@ it works from any thread of any rank (`call_with_timeout`).
 
 from __future__ import annotations
 
+import math
 import multiprocessing as mp
 import re
 import threading
@@ -106,10 +107,11 @@ def parse_number(s: str | int | float) -> Fraction | None:
     if isinstance(s, int):
         return Fraction(s)
     if isinstance(s, float):
-        return Fraction(repr(s))  # the decimal the float prints as, not its binary expansion
+        # the decimal the float prints as, not its binary expansion; nan/inf are no answer
+        return Fraction(repr(s)) if math.isfinite(s) else None
     t = _clean(str(s))
     neg = t.startswith("-")
-    t = t.lstrip("-")
+    t = t[1:] if neg else t
     if re.fullmatch(r"\d{1,3}(,\d{3})+(\.\d+)?", t):
         t = t.replace(",", "")
     m = re.fullmatch(r"\(?(\d+(?:\.\d+)?|\.\d+)\)?(?:/\(?(\d+(?:\.\d+)?)\)?)?", t)

@@ -81,6 +81,8 @@ NUMBERS = [
     (12, Fraction(12)),
     (0.1, Fraction(1, 10)),  # the decimal a float prints as
     ("1,2", None),  # not a thousands separator
+    ("--5", None),
+    (float("nan"), None),
     ("1/0", None),
     ("x+1", None),
     ("", None),
