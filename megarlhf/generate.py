@@ -249,9 +249,10 @@ class Generator:
               f"in {seconds:.1f} s ({tokens / seconds:.1f} tokens/s); wrote {out_path}")  # fmt: skip
         if not scored:
             return None
-        summary: dict[str, Any] = {"samples": summarize_scores([[r["score"] for r in s] for s in per_prompt.values()], cfg.confidence)}
+        scores = [[r["score"] for r in samples] for samples in per_prompt.values()]
+        summary: dict[str, Any] = {"samples": summarize_scores(scores, cfg.confidence)}
         if cfg.n > 1:
-            summary["best_of_n"] = summarize_scores([[max(r["score"] for r in s)] for s in per_prompt.values()], cfg.confidence)
+            summary["best_of_n"] = summarize_scores([[max(s)] for s in scores], cfg.confidence)
         summary.update({"model_path": cfg.model_path, "prompts": cfg.prompts, "n": cfg.n, "temperature": cfg.temperature,
                         "max_new_tokens": cfg.max_new_tokens, "reward_fn": cfg.reward_fn,
                         "reward_model_path": cfg.reward_model_path, "seconds": seconds})  # fmt: skip

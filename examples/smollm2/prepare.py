@@ -81,7 +81,8 @@ def materialise(out: Path) -> dict:
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return {"gguf": str(src), "gguf_mib": src.stat().st_size / 2**20, "materialise_s": time.perf_counter() - t0,
-            "hf_mib": folder_mib(out), "special_tokens": {"bos": tok.bos_token, "eos": tok.eos_token, "pad": tok.pad_token}}  # fmt: skip
+            "hf_mib": folder_mib(out),
+            "special_tokens": {"bos": tok.bos_token, "eos": tok.eos_token, "pad": tok.pad_token}}  # fmt: skip
 
 
 def convert(hf: Path, out: Path) -> dict:

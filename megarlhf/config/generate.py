@@ -68,7 +68,9 @@ class GenerateConfig:
                 "PP load resharded); set layout.pp=1 and use layout.tp and more ranks instead"
             )
         if self.n < 1 or self.max_new_tokens < 1 or self.batch_size < 1:
-            raise ConfigError(f"n = {self.n}, max_new_tokens = {self.max_new_tokens}, batch_size = {self.batch_size}: must be >= 1")
+            raise ConfigError(
+                f"n = {self.n}, max_new_tokens = {self.max_new_tokens}, batch_size = {self.batch_size}: must be >= 1"
+            )
         if self.temperature < 0:
             raise ConfigError(f"temperature = {self.temperature}: must be >= 0 (0 = greedy)")
         if self.top_k < 0 or not 0 < self.top_p <= 1:

@@ -43,7 +43,8 @@ def tiny_llama(task_data, tmp_path_factory):
     with torch.no_grad():  # sharpen the random model so greedy argmaxes are far from ties
         model.lm_head.weight.mul_(8.0)
     model.save_pretrained(root / "hf")
-    transformers.LlamaForSequenceClassification(transformers.LlamaConfig(**config.to_dict(), num_labels=1)).save_pretrained(root / "rm")
+    reward_model = transformers.LlamaForSequenceClassification(transformers.LlamaConfig(**config.to_dict(), num_labels=1))
+    reward_model.save_pretrained(root / "rm")
     for src, dst in (("hf", "converted"), ("rm", "rm_converted")):
         out = subprocess.run(
             [sys.executable, str(REPO / "tools" / "convert_hf_to_megatron.py"), str(root / src), str(root / dst)],
