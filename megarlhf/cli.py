@@ -94,6 +94,33 @@ def _add_stage(sub, name: str) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.learning_rate=3e-4")
 
 
+GENERATE_FLAGS = {"model": "model_path", "prompts": "prompts", "output": "output", "n": "n", "reward": "reward_fn", "tp": "layout.tp"}
+"""`megarlhf generate` flags: shorthands of config fields (--n 8 == n=8)."""
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="batch generation from a checkpoint or HF folder; best-of-n; scores with a confidence interval",
+        description=(
+            "megarlhf generate: samples responses to a prompt file with the rollout engine (TP x DP on every "
+            "rank of the world), optionally scores them with a rule (reward_fn) and/or a reward model, keeps "
+            "the best of n, writes one JSONL line per sample and prints the mean score / accuracy with its "
+            "confidence interval. Runs SPMD: the same command on every rank."
+        ),
+        epilog=_fields_help("GenerateConfig"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", help="YAML config (or only key=value overrides)")
+    p.add_argument("--model", help="= model_path: a megarlhf checkpoint or a Hugging Face folder")
+    p.add_argument("--prompts", help="= prompts: the prompt JSONL file")
+    p.add_argument("--output", help="= output: the JSONL to write")
+    p.add_argument("--n", help="= n: samples per prompt")
+    p.add_argument("--reward", help="= reward_fn: 'module:function' or gsm8k, math, boxed, ...")
+    p.add_argument("--tp", help="= layout.tp: tensor-parallel size")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config fields, e.g. temperature=0.7 max_new_tokens=128")
+
+
 def _add_launch(sub) -> None:
     from megarlhf.launch import add_arguments
 
@@ -138,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
     for name in STAGES:
         _add_stage(sub, name)
+    _add_generate(sub)
     _add_quickstart(sub)
     _add_launch(sub)
     _add_selfcheck(sub)
@@ -186,6 +214,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in STAGES:
             run_stage(args.command, args.config, args.overrides, args.resume)
+            return 0
+        if args.command == "generate":
+            from megarlhf.config import GenerateConfig, load_config
+            from megarlhf.generate import run_generate
+
+            flags = [f"{key}={getattr(args, flag)}" for flag, key in GENERATE_FLAGS.items() if getattr(args, flag) is not None]
+            run_generate(load_config(GenerateConfig, args.config, flags + args.overrides))
             return 0
         if args.command == "quickstart":
             from megarlhf.quickstart import run_quickstart

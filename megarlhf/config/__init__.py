@@ -3,6 +3,7 @@
 from megarlhf.config.errors import ConfigError, DataError
 from megarlhf.config.loader import describe, dump_yaml, load_config
 from megarlhf.config.model import ModelConfig
+from megarlhf.config.generate import GenerateConfig
 from megarlhf.config.grpo import GRPOAlgoConfig, GRPOConfig
 from megarlhf.config.ppo import GenerationConfig, PPOAlgoConfig, PPOConfig, RoleLayoutConfig, RolloutConfig
 from megarlhf.config.stages import DPOConfig, RMConfig, SFTConfig
@@ -13,6 +14,7 @@ __all__ = [
     "DataConfig",
     "DPOConfig",
     "DataError",
+    "GenerateConfig",
     "GenerationConfig",
     "GRPOAlgoConfig",
     "GRPOConfig",

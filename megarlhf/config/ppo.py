@@ -149,7 +149,8 @@ class RolloutConfig:
     config."""
     reward_fn: str = ""
     """Rule-based reward 'module:function' ('' = none), e.g.
-    megarlhf.data.synthetic:sort_reward_batch."""
+    megarlhf.data.synthetic:sort_reward_batch, or a built-in name: gsm8k, gsm8k_flexible,
+    boxed, math, math_format (rollout/math_rewards.py)."""
     reward_model_weight: float = 1.0
     """Score = reward_model_weight * RM score + reward_fn_weight * rule score."""
     reward_fn_weight: float = 1.0
