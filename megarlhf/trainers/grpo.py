@@ -4,13 +4,16 @@
 
     score      reward (model and/or rule) of each of the num_generations responses per
                prompt; reference log-probs when beta > 0; sampling-time log-probs when
-               the batch is trained on more than once
+               the batch is trained on more than once; the engine-vs-trainer mismatch
+               (rollout_correction/*, RolloutTrainer.measure_mismatch)
     advantages relative to the group (grpo, dr_grpo, rloo: one value per response,
                spread over its tokens) or to the batch (reinforce_pp: KL-shaped returns,
                normalised over all response tokens); groups with equal rewards and
                truncated responses optionally leave the loss
-    train      num_iterations x minibatches: clipped policy loss (asymmetric clip, token-
-               or sequence-level aggregation) + beta x KL(k3) to the reference, one
+    train      num_iterations x minibatches: the policy objective of grpo.policy_loss
+               (PPO's clip, GSPO, GSPO-token, CISPO, SAPO: algorithms.POLICY_OBJECTIVES;
+               token- or sequence-level aggregation), weighted by the rollout correction's
+               importance weights when on, + beta x KL(k3) to the reference, one
                optimizer step each
 
 No critic, no value head, no GAE. The loop around it (generate -> update -> refit,

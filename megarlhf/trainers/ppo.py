@@ -2,10 +2,12 @@
 
 `PPOTrainer.update()` is the algorithm after generation, top to bottom (Ouyang et al. 2022):
 
-    score      reward (model and/or rule), reference log-probs, actor log-probs, values
+    score      reward (model and/or rule), reference log-probs, actor log-probs, values;
+               the engine-vs-trainer mismatch (rollout_correction/*)
     shape      r_t = -beta * KL_t on every response token, + the score on the last one
     GAE        advantages and returns (gamma, lambda); whiten the advantages
-    train      ppo_epochs x minibatches: clipped policy loss (+ entropy bonus) for the
+    train      ppo_epochs x minibatches: the policy objective of ppo.policy_loss (PPO's
+               clip by default; weighted by the rollout correction when on) (+ entropy bonus) for the
                actor, clipped value loss for the critic, one optimizer step each
     adapt      the KL controller moves beta towards its target
 

@@ -109,7 +109,8 @@ def test_float32_weights_are_one_and_corrections_change_nothing(single):
         assert (res["is_weights"][live] - 1).abs().max().item() < 1e-5, mode
         assert res["metrics"]["rollout_correction/masked_fraction"] == 0.0
         for key in ("policy/pg_loss", "policy/clipfrac", "policy/kl", "actor/grad_norm"):
-            assert res["metrics"][key] == pytest.approx(m[key], abs=1e-6), (mode, key)
+            # 1e-6 relative: grad_norm is ~8 here and weights 1 +- 1e-6 scale it by as much.
+            assert res["metrics"][key] == pytest.approx(m[key], rel=1e-6, abs=1e-6), (mode, key)
         assert _max_diff(res["actor"], base["actor"]) < 1e-6, mode
 
 
@@ -131,8 +132,12 @@ def test_weights_at_dp2_equal_dp1(world2, single, tmp_path):
     root, out = single
     res = world2.run(correction_case, str(root), str(tmp_path / "run"), MIS, 0.1)[0]
     ref = out["planted"]
-    assert res["is_weights"].equal(ref["is_weights"])
+    # The same tokens masked; the kept weights equal up to float32 rounding (each layout
+    # samples and recomputes its rows in other microbatches).
+    assert res["is_weights"].shape == ref["is_weights"].shape
+    assert (res["is_weights"] == 0).equal(ref["is_weights"] == 0)
+    assert (res["is_weights"] - ref["is_weights"]).abs().max().item() < 1e-6
     for key, v in ref["metrics"].items():
         if key.startswith("rollout_correction/"):
-            assert res["metrics"][key] == pytest.approx(v, abs=1e-6), key
+            assert res["metrics"][key] == pytest.approx(v, rel=1e-5, abs=1e-6), key
     assert _max_diff(res["actor"], ref["actor"]) < 2e-5

@@ -270,3 +270,49 @@ def test_rollout_is_weights_none_and_bad_arguments():
         alg.rollout_is_weights(lp, old, mask, "token_clip")
     with pytest.raises(ValueError, match="c_min < 1 < c_max"):
         alg.rollout_is_weights(lp, old, mask, "token_mask", c_min=1.1)
+
+
+# ---------------------------------------------------------------- learning on a bandit
+
+
+PAPER_KNOBS = {
+    "ppo": ({"cliprange_low": 0.2, "cliprange_high": 0.28}, "token"),
+    "gspo": ({"cliprange_low": 3e-4, "cliprange_high": 4e-4}, "sequence"),
+    "gspo_token": ({"cliprange_low": 3e-4, "cliprange_high": 4e-4}, "sequence"),
+    "cispo": ({"cliprange_low": 1.0, "cliprange_high": 4.0}, "token"),
+    "sapo": (SAPO, "sequence"),
+}
+
+
+@pytest.mark.parametrize("objective", sorted(PAPER_KNOBS))
+def test_objective_learns_a_token_bandit(objective):
+    """Each objective, at its paper's knobs, trains a tiny policy (one softmax over 6
+    tokens, responses of 1-4 tokens, reward = fraction of tokens equal to 0) with GRPO's
+    loop: 30 iterations of 4 prompts x 8 samples, group advantages, 2 optimizer steps per
+    batch (the second off-policy, so the clip / gate / IS weight acts). The probability of
+    the rewarded token must rise from 1/6 and nothing may turn non-finite."""
+    g = torch.Generator().manual_seed(0)
+    knobs, aggregation = PAPER_KNOBS[objective]
+    theta = torch.zeros(6, requires_grad=True)
+    opt = torch.optim.Adam([theta], lr=0.05)
+    start = torch.softmax(theta, -1)[0].item()
+    for _ in range(30):
+        with torch.no_grad():
+            probs = torch.softmax(theta, -1)
+            tokens = torch.multinomial(probs, 32 * 4, replacement=True, generator=g).view(32, 4)
+            lengths = torch.randint(1, 5, (32,), generator=g)
+            mask = (torch.arange(4) < lengths.unsqueeze(1)).float()
+            scores = ((tokens == 0).float() * mask).sum(1) / lengths
+            adv = alg.broadcast_to_tokens(alg.grpo_advantages(scores, 8), mask)
+            old = torch.log_softmax(theta, -1)[tokens]
+        for _ in range(2):
+            lp = torch.log_softmax(theta, -1)[tokens]
+            loss, stats = alg.POLICY_OBJECTIVES[objective](
+                lp, old, adv, mask, mask.sum(), aggregation=aggregation, num_sequences=32.0, **knobs
+            )
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            assert torch.isfinite(loss) and all(torch.isfinite(v) for v in stats.values())
+    end = torch.softmax(theta, -1)[0].item()
+    assert end > start + 0.5, (start, end)  # measured: 0.167 -> 0.91-0.97
