@@ -60,7 +60,7 @@ def write_rollouts(path: Path, batch: dict[str, torch.Tensor], items: list[dict]
             continue
         value = value.detach().cpu()
         layout[key] = {"dtype": str(value.dtype).removeprefix("torch."), "shape": list(value.shape)}
-        columns[key] = value.tolist() if value.dim() > 1 else value.tolist()
+        columns[key] = value.tolist()
     table = pa.table(columns)
     # Keep float32 as float32 (pyarrow would infer double from Python floats).
     schema = pa.schema([

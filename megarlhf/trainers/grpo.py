@@ -30,13 +30,13 @@ import torch
 
 from megarlhf.algorithms import (
     GROUP_ADVANTAGE_ESTIMATORS,
+    POLICY_OBJECTIVES,
     broadcast_to_tokens,
     entropy_loss,
     filter_uniform_groups,
     grpo_advantages,
     kl_loss,
     kl_penalty,
-    POLICY_OBJECTIVES,
     masked_sum,
     overlong_penalty,
     reinforce_pp_advantages,
@@ -161,8 +161,8 @@ class GRPOTrainer(RolloutTrainer):
         old = mb["old_logprobs"] if "old_logprobs" in mb else logprobs.detach()
         aggregate = {"aggregation": g.loss_aggregation, "num_sequences": n_seq}
         loss, stats = POLICY_OBJECTIVES[g.policy_loss](
-            logprobs, old, mb["advantages"], mask, n, weights=mb.get("is_weights"), **g.objective_knobs, **aggregate
-        )
+            logprobs, old, mb["advantages"], mask, n, weights=mb.get("is_weights"), **g.objective_knobs, **aggregate,
+        )  # fmt: skip
         if "ref_logprobs" in mb:
             kl, kl_stats = kl_loss(logprobs, mb["ref_logprobs"], mask, n, g.kl_estimator, **aggregate)
             if not g.in_reward_kl:

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from megarlhf.algorithms import (
+    POLICY_OBJECTIVES,
     RunningMoments,
     clip_scores,
     entropy_loss,
@@ -34,7 +35,6 @@ from megarlhf.algorithms import (
     make_kl_controller,
     masked_mean,
     masked_whiten,
-    POLICY_OBJECTIVES,
     normalize_scores,
     overlong_penalty,
     sft_loss,
@@ -217,8 +217,9 @@ class PPOTrainer(RolloutTrainer):
             keys = ("policy/pg_loss", "policy/clipfrac", "policy/approxkl", "policy/ratio", "policy/entropy")
             return ppo.ptx_coef * loss, {**dict.fromkeys(keys, zero), **stats}
         loss, stats = POLICY_OBJECTIVES[ppo.policy_loss](
-            logprobs, mb["old_logprobs"], mb["advantages"], mb["mask"], n, weights=mb.get("is_weights"), **ppo.objective_knobs
-        )
+            logprobs, mb["old_logprobs"], mb["advantages"], mb["mask"], n,
+            weights=mb.get("is_weights"), **ppo.objective_knobs,
+        )  # fmt: skip
         ent_loss, ent_stats = entropy_loss(entropy, mb["mask"], n)
         if ppo.entropy_coef:
             loss = loss + ppo.entropy_coef * ent_loss
