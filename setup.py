@@ -25,7 +25,7 @@ setup(
         "psutil",  # megatron.core.dist_checkpointing
         "einops",  # megatron.core.hyper_comm_grid
         "matplotlib",  # plots/*.png in run directories
-        "pyarrow",  # Parquet and Arrow data files (imported only when a file is one)
+        "pyarrow",  # Parquet/Arrow data files and rollout dumps (imported only when used)
         # a model's own chat template is rendered by transformers' render_jinja_template
         # (what apply_chat_template calls), with its Jinja environment
         "transformers>=4.50",

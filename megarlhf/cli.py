@@ -91,6 +91,14 @@ def _add_stage(sub, name: str) -> None:
         default=None,
         help="'auto' = continue from run_dir/checkpoints/latest if it exists; or a checkpoint path",
     )
+    if name in ("ppo", "grpo"):
+        p.add_argument(
+            "--replay-rollouts",
+            metavar="PATH",
+            help="run one update on a batch dumped by train.dump_rollouts (run_dir/rollouts/iter_N.parquet) "
+            "instead of training: no generation; with --resume at the dumping run's checkpoint of "
+            "iteration N-1 it reproduces iteration N",
+        )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.learning_rate=3e-4")
 
 
@@ -175,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_stage(name: str, config_path: str | None, overrides: list[str], resume: str | None) -> dict:
+def run_stage(name: str, config_path: str | None, overrides: list[str], resume: str | None, replay: str | None = None) -> dict:
     import importlib
 
     import megarlhf.config as config_module
@@ -185,7 +193,7 @@ def run_stage(name: str, config_path: str | None, overrides: list[str], resume: 
     _, config_name, module, trainer_name = STAGES[name]
     cfg = load_config(getattr(config_module, config_name), config_path, overrides, prepare=apply_model_source)
     trainer = getattr(importlib.import_module(module), trainer_name)(cfg, resume=resume)
-    return trainer.fit()
+    return trainer.replay(replay) if replay else trainer.fit()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -213,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command in STAGES:
-            run_stage(args.command, args.config, args.overrides, args.resume)
+            run_stage(args.command, args.config, args.overrides, args.resume, getattr(args, "replay_rollouts", None))
             return 0
         if args.command == "generate":
             from megarlhf.config import GenerateConfig, load_config

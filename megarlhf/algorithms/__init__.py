@@ -19,6 +19,7 @@ from megarlhf.algorithms.controllers import (
     FixedKLController,
     make_kl_controller,
 )
+from megarlhf.algorithms.correction import ROLLOUT_CORRECTIONS, mismatch_metrics, rollout_is_weights
 from megarlhf.algorithms.group import (
     GROUP_ADVANTAGE_ESTIMATORS,
     broadcast_to_tokens,
@@ -37,6 +38,15 @@ from megarlhf.algorithms.losses import (
     sft_loss,
     value_loss,
 )
+from megarlhf.algorithms.objectives import (
+    CLIP_OBJECTIVES,
+    POLICY_OBJECTIVES,
+    SEQUENCE_ADVANTAGE_OBJECTIVES,
+    cispo_loss,
+    gspo_loss,
+    gspo_token_loss,
+    sapo_loss,
+)
 from megarlhf.algorithms.preference import (
     DPO_LOSS_TYPES,
     dpo_loss,
@@ -44,9 +54,20 @@ from megarlhf.algorithms.preference import (
     sequence_logps,
     sequence_mean_logps,
 )
-from megarlhf.algorithms.rewards import RunningMoments, clip_scores, normalize_scores
+from megarlhf.algorithms.rewards import RunningMoments, clip_scores, normalize_scores, overlong_penalty
 
 __all__ = [
+    "CLIP_OBJECTIVES",
+    "POLICY_OBJECTIVES",
+    "ROLLOUT_CORRECTIONS",
+    "SEQUENCE_ADVANTAGE_OBJECTIVES",
+    "cispo_loss",
+    "gspo_loss",
+    "gspo_token_loss",
+    "mismatch_metrics",
+    "overlong_penalty",
+    "rollout_is_weights",
+    "sapo_loss",
     "DPO_LOSS_TYPES",
     "GROUP_ADVANTAGE_ESTIMATORS",
     "KL_ESTIMATORS",

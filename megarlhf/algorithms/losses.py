@@ -58,6 +58,11 @@ def _sequence_mean(x: Tensor, mask: Tensor, num_sequences: float | Tensor) -> Te
     return (per_row / mask.sum(-1).clamp(min=1)).sum() / num_sequences
 
 
+def apply_weights(loss_t: Tensor, weights: Tensor | None) -> Tensor:
+    """loss_t * weights, detached ([B, T] or None = all ones)."""
+    return loss_t if weights is None else loss_t * weights.detach()
+
+
 # Each aggregator: (loss_t [B, T], mask, num_tokens, num_sequences) -> 0-d.
 _AGGREGATORS = {
     "token": lambda x, mask, num_tokens, num_sequences: _token_mean(x, mask, num_tokens),
@@ -93,6 +98,7 @@ def policy_loss(
     cliprange_high: float | None = None,
     aggregation: str = "token",
     num_sequences: float | Tensor | None = None,
+    weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO clipped surrogate (Schulman et al. 2017, eq. 7), negated to be minimised.
 
@@ -106,6 +112,8 @@ def policy_loss(
 
     aggregation: "token" (default, the PPO trainer's) or "sequence" (GRPO paper; needs
     the global `num_sequences`); see the module docstring.
+    weights: optional [B, T] detached per-token weights multiplying loss_t before the
+    aggregation (the rollout correction's importance weights, algorithms/correction.py).
 
     stats:
         policy/pg_loss   the loss (same aggregation)
@@ -124,7 +132,7 @@ def policy_loss(
     ratio = log_ratio.exp()
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - low, 1.0 + high)
-    loss_t = torch.maximum(unclipped, clipped)
+    loss_t = apply_weights(torch.maximum(unclipped, clipped), weights)
     loss = _AGGREGATORS[aggregation](loss_t, mask, num_tokens, num_sequences)
     with torch.no_grad():
         stats = {

@@ -84,3 +84,22 @@ class RunningMoments:
         self.mean = torch.tensor(state["mean"], dtype=torch.float64)
         self.var = torch.tensor(state["var"], dtype=torch.float64)
         self.std = torch.tensor(state["std"], dtype=torch.float64)
+
+
+def overlong_penalty(
+    response_lengths: Tensor, max_length: int, buffer_length: int, penalty_factor: float = 1.0
+) -> Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025, sec. 3.4), [B] -> [B], added to the score.
+
+        L_exp = max_length - buffer_length
+        R_i   = 0                                            |y_i| <= L_exp
+                -penalty_factor * (|y_i| - L_exp) / buffer_length   L_exp < |y_i| <= max_length
+                -penalty_factor                              |y_i| > max_length
+
+    A response grows a linear penalty over the last `buffer_length` tokens before the cap
+    instead of a cliff at the cap (verl's overlong_buffer: len, penalty_factor).
+    """
+    if buffer_length < 1 or buffer_length > max_length:
+        raise ValueError(f"buffer_length must be in [1, max_length={max_length}], got {buffer_length}")
+    exceed = (response_lengths.to(torch.float32) - (max_length - buffer_length)).clamp(min=0)
+    return -penalty_factor * (exceed / buffer_length).clamp(max=1.0)

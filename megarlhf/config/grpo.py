@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from megarlhf.config.errors import ConfigError
-from megarlhf.config.ppo import RolloutConfig
+from megarlhf.config.ppo import OBJECTIVES, RolloutConfig, check_overlong, objective_knobs
 
 ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
 
@@ -57,6 +57,22 @@ class GRPOAlgoConfig:
     """Subtracted from the score of a response that hit response_length without EOS."""
     entropy_coef: float = 0.0
     """Entropy bonus coefficient (0 = off)."""
+    policy_loss: Literal["ppo", "gspo", "gspo_token", "cispo", "sapo"] = "ppo"
+    """The policy objective (docs/algorithms.md): ppo (clipped token ratio, the GRPO paper's);
+    gspo (one clipped length-normalised sequence ratio per response; Zheng et al. 2025 clip at
+    epsilon 3e-4 / epsilon_high 4e-4 with loss_aggregation sequence); gspo_token (GSPO's value,
+    token advantages); cispo (clip(ratio, 1 - epsilon, 1 + epsilon_high), detached, on
+    REINFORCE; MiniMax-M1 bounds only from above, e.g. epsilon 1, epsilon_high 4); sapo (soft
+    sigmoid gate, sapo_temperature_pos / _neg)."""
+    sapo_temperature_pos: float = 1.0
+    """SAPO's gate temperature for tokens with a positive advantage."""
+    sapo_temperature_neg: float = 1.05
+    """SAPO's gate temperature for tokens with a negative advantage."""
+    overlong_buffer_length: int = 0
+    """DAPO's soft overlong penalty: the score falls linearly by up to overlong_penalty_factor
+    over the last this-many tokens before generation.response_length (0 = off)."""
+    overlong_penalty_factor: float = 1.0
+    """The penalty at the length cap."""
 
     def __post_init__(self):
         if self.num_generations < 2:
@@ -70,6 +86,18 @@ class GRPOAlgoConfig:
             raise ConfigError("grpo.epsilon must be > 0 and grpo.epsilon_high >= 0")
         if self.beta < 0:
             raise ConfigError(f"grpo.beta = {self.beta}: must be >= 0")
+        if self.policy_loss not in OBJECTIVES:
+            raise ConfigError(f"grpo.policy_loss = {self.policy_loss!r}: use one of {', '.join(OBJECTIVES)}")
+        if self.sapo_temperature_pos <= 0 or self.sapo_temperature_neg <= 0:
+            raise ConfigError("grpo.sapo_temperature_pos and grpo.sapo_temperature_neg must be > 0")
+
+    @property
+    def objective_knobs(self) -> dict[str, float]:
+        """Keyword knobs of the chosen objective (algorithms.POLICY_OBJECTIVES)."""
+        return objective_knobs(
+            self.policy_loss, self.epsilon, self.epsilon_high or self.epsilon,
+            self.sapo_temperature_pos, self.sapo_temperature_neg,
+        )  # fmt: skip
 
     @property
     def in_reward_kl(self) -> bool:
@@ -92,6 +120,7 @@ class GRPOConfig(RolloutConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        check_overlong("grpo", self.grpo.overlong_buffer_length, self.generation.response_length)
         if self.rollout_rows % self.grpo.num_mini_batches:
             raise ConfigError(
                 f"train.global_batch_size x grpo.num_generations = {self.rollout_rows} responses do "

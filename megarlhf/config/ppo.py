@@ -63,6 +63,59 @@ class GenerationConfig:
             )
 
 
+OBJECTIVES = ("ppo", "gspo", "gspo_token", "cispo", "sapo")
+
+
+def objective_knobs(policy_loss: str, low: float, high: float, tau_pos: float, tau_neg: float) -> dict[str, float]:
+    """The keyword knobs of `algorithms.POLICY_OBJECTIVES[policy_loss]`: a clip range, or
+    SAPO's two temperatures."""
+    if policy_loss == "sapo":
+        return {"temperature_pos": tau_pos, "temperature_neg": tau_neg}
+    return {"cliprange_low": low, "cliprange_high": high}
+
+
+def check_overlong(section: str, buffer_length: int, response_length: int) -> None:
+    if not 0 <= buffer_length <= response_length:
+        raise ConfigError(
+            f"{section}.overlong_buffer_length = {buffer_length}: must be in [0, generation.response_length = "
+            f"{response_length}] (0 = off)"
+        )
+
+
+@dataclass
+class RolloutCorrectionConfig:
+    """The gap between the rollout engine's sampling log-probs and the trainer's (see
+    docs/algorithms.md). Its metrics, rollout_correction/*, are logged every iteration."""
+
+    mode: Literal["none", "token_truncate", "sequence_truncate", "token_mask", "sequence_mask"] = "none"
+    """Importance-sampling correction of the policy loss by w = exp(trainer - engine) log-probs, a
+    detached per-token weight: token_truncate / sequence_truncate = min(w, cap) (TIS; TRL's
+    vllm_importance_sampling_mode, verl's rollout_is: token|sequence); token_mask / sequence_mask
+    = w inside [mask_low, mask_high], else 0 (masked IS, ICEPOP; verl's rollout_rs). With a
+    correction the ratio's old log-probs are the trainer's own (decoupled PPO): one more
+    actor forward when generation.old_logprobs = engine."""
+    cap: float = 2.0
+    """C of the truncating modes (TRL's vllm_importance_sampling_cap, verl's rollout_is_threshold)."""
+    mask_low: float = 0.5
+    """Lower bound c_min of the masking modes."""
+    mask_high: float = 2.0
+    """Upper bound c_max of the masking modes."""
+    measure: bool = True
+    """Compute the rollout_correction/* metrics. They need the trainer's log-probs of the
+    sampled tokens at the pre-update weights: free with generation.old_logprobs = recompute,
+    one more actor forward pass (time/score/mismatch) with 'engine'. false skips them
+    (only with mode = none)."""
+
+    def __post_init__(self):
+        if self.cap <= 0 or not 0 <= self.mask_low < 1 < self.mask_high:
+            raise ConfigError(
+                f"rollout_correction: need cap > 0 and 0 <= mask_low < 1 < mask_high, got cap = {self.cap}, "
+                f"mask_low = {self.mask_low}, mask_high = {self.mask_high}"
+            )
+        if self.mode != "none" and not self.measure:
+            raise ConfigError(f"rollout_correction.mode = {self.mode} needs rollout_correction.measure = true")
+
+
 @dataclass
 class PPOAlgoConfig:
     """The PPO objective (Ouyang et al. 2022; Ziegler et al. 2019)."""
@@ -106,6 +159,19 @@ class PPOAlgoConfig:
     ptx_coef: float = 0.0
     """Weight of the SFT loss on `ptx_file` mixed into every actor step (InstructGPT's
     PPO-ptx; 0 = off)."""
+    policy_loss: Literal["ppo", "gspo_token", "cispo", "sapo"] = "ppo"
+    """The actor's objective (docs/algorithms.md): ppo (clipped ratio), gspo_token (GSPO's
+    sequence ratio with token advantages), cispo (clipped detached IS weight on REINFORCE; the
+    clip range is cliprange), sapo (soft gate). gspo needs one advantage per sequence: GRPO only."""
+    sapo_temperature_pos: float = 1.0
+    """SAPO's gate temperature for tokens with a positive advantage."""
+    sapo_temperature_neg: float = 1.05
+    """SAPO's gate temperature for tokens with a negative advantage."""
+    overlong_buffer_length: int = 0
+    """DAPO's soft overlong penalty: the score falls linearly by up to overlong_penalty_factor
+    over the last this-many tokens before generation.response_length (0 = off)."""
+    overlong_penalty_factor: float = 1.0
+    """The penalty at the length cap."""
 
     def __post_init__(self):
         if self.num_ppo_epochs < 1 or self.num_mini_batches < 1:
@@ -118,6 +184,19 @@ class PPOAlgoConfig:
             raise ConfigError("ppo.kl_coef must be >= 0, ppo.target and ppo.horizon > 0")
         if self.ptx_coef < 0:
             raise ConfigError(f"ppo.ptx_coef = {self.ptx_coef}: must be >= 0")
+        if self.policy_loss not in OBJECTIVES or self.policy_loss == "gspo":
+            raise ConfigError(
+                f"ppo.policy_loss = {self.policy_loss!r}: use ppo, gspo_token, cispo or sapo (gspo needs "
+                "one advantage per sequence; GAE gives one per token)"
+            )
+        if self.sapo_temperature_pos <= 0 or self.sapo_temperature_neg <= 0:
+            raise ConfigError("ppo.sapo_temperature_pos and ppo.sapo_temperature_neg must be > 0")
+
+    @property
+    def objective_knobs(self) -> dict[str, float]:
+        """Keyword knobs of the chosen objective (algorithms.POLICY_OBJECTIVES)."""
+        c = self.cliprange
+        return objective_knobs(self.policy_loss, c, c, self.sapo_temperature_pos, self.sapo_temperature_neg)
 
 
 @dataclass
@@ -165,6 +244,8 @@ class RolloutConfig:
     eval_greedy: bool = False
     """Decode held-out prompts (data.eval_file) greedily; default: sample at
     generation.temperature, i.e. measure the expected reward the stage maximises."""
+    rollout_correction: RolloutCorrectionConfig = field(default_factory=RolloutCorrectionConfig)
+    """Engine/trainer mismatch: metrics (always on) and optional importance-sampling corrections."""
 
     def __post_init__(self):
         if not self.data.tokenizer or not self.data.train_file:
@@ -244,6 +325,7 @@ class PPOConfig(RolloutConfig):
         super().__post_init__()
         if self.ppo.ptx_coef and not self.ptx_file:
             raise ConfigError("ppo.ptx_coef > 0 needs ptx_file (SFT data for the ptx term)")
+        check_overlong("ppo", self.ppo.overlong_buffer_length, self.generation.response_length)
         if self.train.global_batch_size % self.ppo.num_mini_batches:
             raise ConfigError(
                 f"train.global_batch_size = {self.train.global_batch_size} does not split into "

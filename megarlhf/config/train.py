@@ -198,6 +198,10 @@ class RunConfig:
     """Checkpoint every this many steps (and at the end); 0 = only at the end."""
     save_total_limit: int = 2
     """Keep the newest this many checkpoints."""
+    dump_rollouts: int = 0
+    """PPO, GRPO: write every this-many-th iteration's batch (texts, ids, masks, scores,
+    rewards, advantages, engine and trainer log-probs, IS weights, policy version) to
+    run_dir/rollouts/iter_N.parquet, for `--replay-rollouts` (0 = never)."""
 
     def __post_init__(self):
         if self.max_steps < 1:
@@ -210,6 +214,8 @@ class RunConfig:
             )
         # global_batch_size vs micro_batch_size * dp is checked where dp is known (and for
         # GRPO global_batch_size counts prompts, each with num_generations sequences).
+        if self.dump_rollouts < 0:
+            raise ConfigError(f"train.dump_rollouts = {self.dump_rollouts}: must be >= 0 (0 = never)")
         if self.save_total_limit < 1:
             raise ConfigError("train.save_total_limit must be >= 1")
 

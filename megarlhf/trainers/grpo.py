@@ -4,13 +4,16 @@
 
     score      reward (model and/or rule) of each of the num_generations responses per
                prompt; reference log-probs when beta > 0; sampling-time log-probs when
-               the batch is trained on more than once
+               the batch is trained on more than once; the engine-vs-trainer mismatch
+               (rollout_correction/*, RolloutTrainer.measure_mismatch)
     advantages relative to the group (grpo, dr_grpo, rloo: one value per response,
                spread over its tokens) or to the batch (reinforce_pp: KL-shaped returns,
                normalised over all response tokens); groups with equal rewards and
                truncated responses optionally leave the loss
-    train      num_iterations x minibatches: clipped policy loss (asymmetric clip, token-
-               or sequence-level aggregation) + beta x KL(k3) to the reference, one
+    train      num_iterations x minibatches: the policy objective of grpo.policy_loss
+               (PPO's clip, GSPO, GSPO-token, CISPO, SAPO: algorithms.POLICY_OBJECTIVES;
+               token- or sequence-level aggregation), weighted by the rollout correction's
+               importance weights when on, + beta x KL(k3) to the reference, one
                optimizer step each
 
 No critic, no value head, no GAE. The loop around it (generate -> update -> refit,
@@ -27,6 +30,7 @@ import torch
 
 from megarlhf.algorithms import (
     GROUP_ADVANTAGE_ESTIMATORS,
+    POLICY_OBJECTIVES,
     broadcast_to_tokens,
     entropy_loss,
     filter_uniform_groups,
@@ -34,7 +38,7 @@ from megarlhf.algorithms import (
     kl_loss,
     kl_penalty,
     masked_sum,
-    policy_loss,
+    overlong_penalty,
     reinforce_pp_advantages,
 )
 from megarlhf.config import GRPOConfig
@@ -94,9 +98,10 @@ class GRPOTrainer(RolloutTrainer):
             if not self.on_policy:
                 with timer("score/actor"):
                     old_logprobs, _ = self.sampling_logprobs(batch)
+            old_logprobs, is_weights, mismatch = self.measure_mismatch(batch, old_logprobs, timer)
 
         with timer("advantages"):
-            scores = raw_scores - g.missing_eos_penalty * (~finished).float() if g.missing_eos_penalty else raw_scores
+            scores = self.shape_scores(raw_scores, batch)
             loss_mask = mask
             if g.mask_truncated_completions:
                 loss_mask = loss_mask * finished.unsqueeze(1).float()
@@ -106,7 +111,8 @@ class GRPOTrainer(RolloutTrainer):
             advantages = self.advantages(scores, loss_mask, old_logprobs, ref_logprobs)
 
         with timer("train"), self._training():
-            train_stats = self.train_on(batch, loss_mask, advantages, old_logprobs, ref_logprobs)
+            train_stats = self.train_on(batch, loss_mask, advantages, old_logprobs, ref_logprobs, is_weights)
+        batch["scores"], batch["rewards"], batch["advantages"] = raw_scores, scores, advantages  # for rollout dumps
 
         grouped = scores.view(-1, g.num_generations)
         return {
@@ -116,9 +122,23 @@ class GRPOTrainer(RolloutTrainer):
             "objective/frac_reward_zero_std": 1.0 - keep.float().mean().item(),
             "objective/trained_fraction": (loss_mask.sum(1) > 0).float().mean().item(),
             **train_stats,
+            **mismatch,
             "response_length": batch["response_lengths"].float().mean().item(),
             "eos_fraction": finished.float().mean().item(),
         }
+
+    def shape_scores(self, raw_scores: torch.Tensor, batch) -> torch.Tensor:
+        """Missing-EOS penalty and DAPO's soft overlong penalty on the sequence scores."""
+        g = self.cfg.grpo
+        scores = raw_scores
+        if g.missing_eos_penalty:
+            scores = scores - g.missing_eos_penalty * (~batch["finished"]).float()
+        if g.overlong_buffer_length:
+            scores = scores + overlong_penalty(
+                batch["response_lengths"], self.cfg.generation.response_length, g.overlong_buffer_length,
+                g.overlong_penalty_factor,
+            )  # fmt: skip
+        return scores
 
     def advantages(self, scores, loss_mask, old_logprobs, ref_logprobs) -> torch.Tensor:
         """[N] scores -> [N, T] advantages on the loss's tokens (0 elsewhere)."""
@@ -133,15 +153,15 @@ class GRPOTrainer(RolloutTrainer):
 
     # --- train ---------------------------------------------------------------------------
     def actor_loss(self, output, mb, n, n_seq):
-        """Clipped policy loss (+ beta x KL to the reference, + entropy bonus)."""
+        """The policy objective (grpo.policy_loss, weighted by the rollout correction's
+        importance weights when on) + beta x KL to the reference + entropy bonus."""
         g = self.cfg.grpo
         logprobs, entropy = self._token_logprobs(output, mb["tokens"], self.ctx["actor"])
         mask = mb["loss_mask"]
         old = mb["old_logprobs"] if "old_logprobs" in mb else logprobs.detach()
         aggregate = {"aggregation": g.loss_aggregation, "num_sequences": n_seq}
-        loss, stats = policy_loss(
-            logprobs, old, mb["advantages"], mask, g.epsilon, n,
-            cliprange_low=g.epsilon, cliprange_high=g.epsilon_high or g.epsilon, **aggregate,
+        loss, stats = POLICY_OBJECTIVES[g.policy_loss](
+            logprobs, old, mb["advantages"], mask, n, weights=mb.get("is_weights"), **g.objective_knobs, **aggregate,
         )  # fmt: skip
         if "ref_logprobs" in mb:
             kl, kl_stats = kl_loss(logprobs, mb["ref_logprobs"], mask, n, g.kl_estimator, **aggregate)
@@ -157,7 +177,7 @@ class GRPOTrainer(RolloutTrainer):
         stats["objective/entropy"] = ent_stats["objective/entropy"]
         return loss, stats
 
-    def train_on(self, batch, loss_mask, advantages, old_logprobs, ref_logprobs) -> dict[str, float]:
+    def train_on(self, batch, loss_mask, advantages, old_logprobs, ref_logprobs, is_weights=None) -> dict[str, float]:
         """num_iterations x minibatches: one actor optimizer step per minibatch. A
         minibatch whose every response left the loss (filter_groups,
         mask_truncated_completions) is skipped: no gradient, no step."""
@@ -168,6 +188,8 @@ class GRPOTrainer(RolloutTrainer):
             extra["old_logprobs"] = old_logprobs
         if ref_logprobs is not None:
             extra["ref_logprobs"] = ref_logprobs
+        if is_weights is not None:
+            extra["is_weights"] = is_weights
         groups = self.ctx["actor"]
         sums: dict[str, float] = {}
         steps = 0

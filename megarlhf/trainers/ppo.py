@@ -2,10 +2,12 @@
 
 `PPOTrainer.update()` is the algorithm after generation, top to bottom (Ouyang et al. 2022):
 
-    score      reward (model and/or rule), reference log-probs, actor log-probs, values
+    score      reward (model and/or rule), reference log-probs, actor log-probs, values;
+               the engine-vs-trainer mismatch (rollout_correction/*)
     shape      r_t = -beta * KL_t on every response token, + the score on the last one
     GAE        advantages and returns (gamma, lambda); whiten the advantages
-    train      ppo_epochs x minibatches: clipped policy loss (+ entropy bonus) for the
+    train      ppo_epochs x minibatches: the policy objective of ppo.policy_loss (PPO's
+               clip by default; weighted by the rollout correction when on) (+ entropy bonus) for the
                actor, clipped value loss for the critic, one optimizer step each
     adapt      the KL controller moves beta towards its target
 
@@ -24,6 +26,7 @@ from typing import Any
 import torch
 
 from megarlhf.algorithms import (
+    POLICY_OBJECTIVES,
     RunningMoments,
     clip_scores,
     entropy_loss,
@@ -33,7 +36,7 @@ from megarlhf.algorithms import (
     masked_mean,
     masked_whiten,
     normalize_scores,
-    policy_loss,
+    overlong_penalty,
     sft_loss,
     shape_rewards,
     value_loss,
@@ -144,6 +147,7 @@ class PPOTrainer(RolloutTrainer):
                 old_logprobs, entropy = self.sampling_logprobs(batch)
             with timer("score/critic"):
                 old_values = self.values(batch)
+            old_logprobs, is_weights, mismatch = self.measure_mismatch(batch, old_logprobs, timer)
 
         with timer("advantages"):
             scores = self.transform_scores(raw_scores, batch)
@@ -156,7 +160,8 @@ class PPOTrainer(RolloutTrainer):
                 advantages = masked_whiten(advantages, mask)
 
         with timer("train"), self._training():
-            train_stats = self.train_on(batch, old_logprobs, old_values, advantages, returns, timer)
+            train_stats = self.train_on(batch, old_logprobs, old_values, advantages, returns, timer, is_weights)
+        batch.update(scores=raw_scores, rewards=rewards, advantages=advantages, returns=returns)  # for rollout dumps
 
         seq_kl = kl.sum(1).mean().item()
         kl_coef = self.kl_ctl.value
@@ -171,6 +176,7 @@ class PPOTrainer(RolloutTrainer):
             "objective/entropy": masked_mean(entropy, mask).item(),
             "objective/kl_coef": kl_coef,
             **train_stats,
+            **mismatch,
             "val/mean_return": masked_mean(returns, mask).item(),
             "response_length": batch["response_lengths"].float().mean().item(),
             "eos_fraction": batch["finished"].float().mean().item(),
@@ -184,10 +190,15 @@ class PPOTrainer(RolloutTrainer):
         return v * batch["mask"]
 
     def transform_scores(self, scores: torch.Tensor, batch) -> torch.Tensor:
-        """Missing-EOS penalty, optional running normalisation and clipping."""
+        """Missing-EOS and DAPO's overlong penalties, optional running normalisation and clipping."""
         ppo = self.cfg.ppo
         if ppo.missing_eos_penalty:
             scores = scores - ppo.missing_eos_penalty * (~batch["finished"]).float()
+        if ppo.overlong_buffer_length:
+            scores = scores + overlong_penalty(
+                batch["response_lengths"], self.cfg.generation.response_length, ppo.overlong_buffer_length,
+                ppo.overlong_penalty_factor,
+            )  # fmt: skip
         if ppo.normalize_reward:
             self.moments.update(scores)
             scores = normalize_scores(scores, self.moments.mean, self.moments.std)
@@ -195,7 +206,8 @@ class PPOTrainer(RolloutTrainer):
 
     # --- train ---------------------------------------------------------------------------
     def actor_loss(self, output, mb, n, n_ptx=None):
-        """Clipped policy loss (+ entropy bonus) on a rollout microbatch, or ptx_coef x the
+        """The policy objective (ppo.policy_loss, weighted by the rollout correction's
+        importance weights when on) (+ entropy bonus) on a rollout microbatch, or ptx_coef x the
         SFT loss on a ptx microbatch. Both report the same stat keys (zeros for the other
         kind), as Megatron's schedule collects one dict per microbatch."""
         ppo = self.cfg.ppo
@@ -205,7 +217,10 @@ class PPOTrainer(RolloutTrainer):
             loss, stats = sft_loss(logprobs, mb["ptx_mask"], n_ptx)
             keys = ("policy/pg_loss", "policy/clipfrac", "policy/approxkl", "policy/ratio", "policy/entropy")
             return ppo.ptx_coef * loss, {**dict.fromkeys(keys, zero), **stats}
-        loss, stats = policy_loss(logprobs, mb["old_logprobs"], mb["advantages"], mb["mask"], ppo.cliprange, n)
+        loss, stats = POLICY_OBJECTIVES[ppo.policy_loss](
+            logprobs, mb["old_logprobs"], mb["advantages"], mb["mask"], n,
+            weights=mb.get("is_weights"), **ppo.objective_knobs,
+        )  # fmt: skip
         ent_loss, ent_stats = entropy_loss(entropy, mb["mask"], n)
         if ppo.entropy_coef:
             loss = loss + ppo.entropy_coef * ent_loss
@@ -220,13 +235,16 @@ class PPOTrainer(RolloutTrainer):
         loss, stats = value_loss(values, mb["old_values"], mb["returns"], mb["mask"], self.cfg.ppo.cliprange_value, n)
         return self.cfg.ppo.vf_coef * loss, stats
 
-    def train_on(self, batch, old_logprobs, old_values, advantages, returns, timer: PhaseTimer | None = None) -> dict[str, float]:
+    def train_on(self, batch, old_logprobs, old_values, advantages, returns, timer: PhaseTimer | None = None, is_weights=None) -> dict[str, float]:
         """ppo_epochs x minibatches: one actor and one critic optimizer step per minibatch.
         Minibatches are cut from one permutation per epoch, the same on every rank."""
         cfg, ppo = self.cfg, self.cfg.ppo
         timer = timer or PhaseTimer()
         n, size = batch["tokens"].shape[0], cfg.mini_batch_size
         sums: dict[str, float] = {}
+        actor_extra = {"old_logprobs": old_logprobs, "advantages": advantages}
+        if is_weights is not None:
+            actor_extra["is_weights"] = is_weights
 
         def add(role: str, stats: dict[str, float]) -> None:
             for key, v in stats.items():
@@ -238,7 +256,7 @@ class PPOTrainer(RolloutTrainer):
                 num_tokens = batch["mask"][minibatch].sum().clamp(min=1).to(self.device)
 
                 with timer("train/actor"):
-                    actor_mbs, n_ptx = self.actor_microbatches(batch, minibatch, {"old_logprobs": old_logprobs, "advantages": advantages})
+                    actor_mbs, n_ptx = self.actor_microbatches(batch, minibatch, actor_extra)
                     add("actor", self.actor.train_step(actor_mbs, partial(self.actor_loss, n=num_tokens, n_ptx=n_ptx)))
 
                 with timer("train/critic"):

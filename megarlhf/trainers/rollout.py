@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from megarlhf.algorithms import mismatch_metrics, rollout_is_weights
 from megarlhf.checkpoint.dist_ckpt import (
     checkpoint_model_config,
     load_checkpoint,
@@ -48,6 +49,7 @@ from megarlhf.parallel.collect import gather_rows, is_row_owner, shard_rows
 from megarlhf.parallel.refit import WeightRefit
 from megarlhf.rollout import GenerationEngine, SamplingParams
 from megarlhf.rollout.rewards import load_reward_fn
+from megarlhf.trainers.dumps import dump_path, read_rollouts, write_rollouts
 from megarlhf.trainers.ppo_batches import cut_microbatches, rollout_batch
 from megarlhf.trainers.rm import sequence_scores
 from megarlhf.trainers.preempt import StopRequest
@@ -279,6 +281,10 @@ class RolloutTrainer:
         with timer("generate"):
             batch = self.generate(items, sampling, self.step)
         metrics = self.update(batch, items, timer)
+        every = cfg.train.dump_rollouts
+        if every and (self.step + 1) % every == 0 and self.ctx.is_main:
+            with timer("dump"):
+                write_rollouts(dump_path(cfg.train.run_dir, self.step + 1), batch, items, self.tokenizer.decode, self.step)
         with timer("refit"):
             self.refit.refit()
         seconds = time.perf_counter() - t_start
@@ -327,6 +333,35 @@ class RolloutTrainer:
         if self.cfg.generation.old_logprobs == "engine":
             return batch["engine_logprobs"], batch["engine_entropy"]
         return self.policy_logprobs(self.actor.model, self.ctx["actor"], batch)
+
+    def measure_mismatch(self, batch, old_logprobs: torch.Tensor | None, timer: PhaseTimer):
+        """The engine-vs-trainer gap on the sampled tokens -> (old log-probs, importance
+        weights [N, T] or None, rollout_correction/* metrics).
+
+        Needs the trainer's log-probs at the pre-update weights: the old ones when they were
+        recomputed, else one more actor forward pass (time/score/mismatch). Computed over
+        the whole replicated batch, so the same at every layout. With a correction on, the
+        ratio's old log-probs become the trainer's (decoupled PPO, as TRL and verl do): the
+        engine's then enter only through the weight."""
+        rc = self.cfg.rollout_correction
+        if not rc.measure or "engine_logprobs" not in batch:
+            if rc.mode != "none":
+                raise ConfigError(f"rollout_correction.mode = {rc.mode} needs rollouts with the engine's log-probs")
+            return old_logprobs, None, {}
+        with timer("score/mismatch"):
+            trainer_logprobs = old_logprobs
+            if old_logprobs is None or self.cfg.generation.old_logprobs == "engine":
+                trainer_logprobs = self.policy_logprobs(self.actor.model, self.ctx["actor"], batch)[0]
+        engine_logprobs, mask = batch["engine_logprobs"], batch["mask"]
+        stats = mismatch_metrics(trainer_logprobs, engine_logprobs, mask)
+        weights, weight_stats = rollout_is_weights(
+            trainer_logprobs, engine_logprobs, mask, rc.mode, rc.cap, rc.mask_low, rc.mask_high
+        )
+        batch["trainer_logprobs"], batch["is_weights"] = trainer_logprobs, weights  # for rollout dumps
+        stats = {k: float(v) for k, v in {**stats, **weight_stats}.items()}
+        if rc.mode == "none":
+            return old_logprobs, None, stats
+        return (trainer_logprobs if old_logprobs is not None else None), weights, stats
 
     def rollout_batch(self, tokens: torch.Tensor, mask: torch.Tensor, items: list[dict]) -> dict[str, torch.Tensor]:
         """tokens [N, T] (prompt, response, pad) + response mask -> the batch the update
@@ -491,6 +526,33 @@ class RolloutTrainer:
             f"{self.cfg.train.global_batch_size} prompts per iteration; "
             f"{layouts}; refit {self.refit}" + (f"; torch.compile: {', '.join(compiled)}" if compiled else "")
         )
+
+    def replay(self, path: str) -> dict[str, Any]:
+        """One update on a dumped rollout batch (train.dump_rollouts), without generating: the
+        way to debug a loss spike. Start from the dumping run's checkpoint of the iteration
+        before (`--resume PATH`): the same weights, optimizer state and minibatch order then
+        reproduce that iteration's losses and update. Logs the metrics, saves a checkpoint."""
+        dumped, items, version = read_rollouts(path)
+        if version != self.step:
+            self.run.say(
+                f"note: {path} was sampled by the policy after {version} iterations; the weights loaded have "
+                f"{self.step}: pass --resume with that run's checkpoints/iter_{version:07d} to reproduce it"
+            )
+        # Re-laid out for this run's layouts (the column multiple may differ from the dumping run's).
+        batch = self.rollout_batch(dumped["tokens"], dumped["mask"], items)
+        t = batch["tokens"].shape[1]
+        for key in ("engine_logprobs", "engine_entropy"):
+            batch[key] = F.pad(dumped[key], (0, max(0, t - dumped[key].shape[1])))[:, :t]
+        self.run.say(f"replaying {path}: {len(items)} sequences, no generation")
+        metrics = self.update(batch, items, PhaseTimer())
+        self.step += 1
+        self.run.log_metrics(self.step, metrics)
+        self.run.say(f"replayed iteration {self.step}: " + ", ".join(f"{k} {metrics[k]:.4g}" for k in self.shown_keys if k in metrics))
+        self.save()
+        summary = {"stage": self.stage, "replayed": str(path), "steps": self.step, "final": metrics}
+        self.run.write_summary(summary)
+        self.run.close()
+        return summary
 
     def fit(self) -> dict[str, Any]:
         cfg, run = self.cfg.train, self.run

@@ -4,6 +4,7 @@ fail with exit code 2."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tests.e2e.conftest import data_overrides, megarlhf, resume_after_crash
@@ -69,3 +70,46 @@ def test_grpo_bad_configs_exit_2(task_data, weak_sft, tmp_path):
     out = megarlhf("grpo", *grpo_args(task_data, weak_sft, tmp_path / "r", "grpo.advantage_estimator=ppo"))
     assert out.returncode == 2
     assert "grpo.advantage_estimator" in out.stderr
+
+
+def test_grpo_replay_reproduces_a_dumped_iteration(task_data, weak_sft, tmp_path):
+    """train.dump_rollouts writes iteration 2's batch; `--replay-rollouts` on it, from the
+    iteration-1 checkpoint, gives iteration 2's losses and actor again within 1e-6 without
+    generating (RLOO, 2 iterations: the engine's log-probs from the dump are the old ones,
+    a TIS correction weighs the loss)."""
+    common = grpo_args(
+        task_data, weak_sft, None, "train.global_batch_size=4", "grpo.num_generations=4", "grpo.num_mini_batches=1",
+        "train.micro_batch_size=8", "grpo.num_iterations=2", "grpo.advantage_estimator=rloo", "data.eval_file=",
+        "rollout_correction.mode=token_truncate",
+    )  # fmt: skip
+    straight = tmp_path / "straight"
+    out = megarlhf("grpo", *common, f"train.run_dir={straight}", "train.max_steps=2", "train.save_steps=1", "train.dump_rollouts=2")
+    assert out.returncode == 0, out.stderr[-4000:]
+    dump = straight / "rollouts" / "iter_0000002.parquet"
+    assert dump.is_file() and not (straight / "rollouts" / "iter_0000001.parquet").exists()
+
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(dump).to_pydict()
+    assert len(table["response_text"]) == 16 and table["policy_version"] == [1] * 16
+    for column in ("prompt_text", "prompt_ids", "tokens", "mask", "scores", "rewards", "advantages",
+                   "engine_logprobs", "trainer_logprobs", "is_weights"):  # fmt: skip
+        assert column in table, column
+
+    replay = tmp_path / "replay"
+    out = megarlhf(
+        "grpo", *common, f"train.run_dir={replay}", "train.max_steps=2",
+        "--resume", str(straight / "checkpoints" / "iter_0000001"), "--replay-rollouts", str(dump),
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert "replaying" in out.stdout + out.stderr
+    a, b = metrics(straight)[-1], metrics(replay)[-1]
+    assert a["step"] == b["step"] == 2
+    for key in ("objective/scores", "policy/pg_loss", "policy/clipfrac", "policy/approxkl", "actor/grad_norm",
+                "rollout_correction/token_ratio_mean", "rollout_correction/is_weight_mean"):  # fmt: skip
+        assert b[key] == pytest.approx(a[key], abs=1e-6), key
+    wa = checkpoint_tensors(straight / "checkpoints" / "iter_0000002" / "actor")
+    wb = checkpoint_tensors(replay / "checkpoints" / "iter_0000002" / "actor")
+    w1 = checkpoint_tensors(straight / "checkpoints" / "iter_0000001" / "actor")
+    assert max((wa[k] - w1[k]).abs().max().item() for k in wa) > 1e-5  # iteration 2 moved the actor
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-6

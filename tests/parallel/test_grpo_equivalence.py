@@ -10,10 +10,10 @@ rank (world of 1, every role TP1 PP1).
 Two objectives: "grpo" (std-scaled group advantages, 2 iterations x 2 minibatches so the
 ratio moves off 1 and clips, sequence-level aggregation, clip-higher, beta x k3 KL loss
 to a reference at its own layout, missing-EOS penalty, truncated responses masked) and
-"rloo_on_policy" (leave-one-out baseline, one step, no reference: the training pass's
-own log-probs are the old ones), and "reinforce_pp_baseline" (group-centred scores, k1 KL
-to the reference in the per-token reward, returns normalised over the whole batch, groups
-of equal rewards filtered out).
+"rloo_on_policy" (leave-one-out baseline, CISPO's objective, one step, no reference: the
+training pass's own log-probs are the old ones), and "reinforce_pp_baseline" (group-centred
+scores, k1 KL to the reference in the per-token reward, returns normalised over the whole
+batch, groups of equal rewards filtered out, SAPO's objective with sequence aggregation).
 """
 
 from __future__ import annotations
@@ -32,10 +32,12 @@ OBJECTIVES = {
         "grpo.loss_aggregation=sequence", "grpo.epsilon_high=0.28", "grpo.beta=0.1",
         "grpo.missing_eos_penalty=0.5", "grpo.mask_truncated_completions=true",
     ],
-    "rloo_on_policy": ["grpo.advantage_estimator=rloo", "grpo.beta=0", "grpo.loss_aggregation=token"],
+    "rloo_on_policy": [
+        "grpo.advantage_estimator=rloo", "grpo.beta=0", "grpo.loss_aggregation=token", "grpo.policy_loss=cispo",
+    ],
     "reinforce_pp_baseline": [
         "grpo.advantage_estimator=reinforce_pp_baseline", "grpo.beta=0.1", "grpo.kl_estimator=k1",
-        "grpo.filter_groups=true",
+        "grpo.filter_groups=true", "grpo.policy_loss=sapo", "grpo.loss_aggregation=sequence",
     ],
 }  # fmt: skip
 

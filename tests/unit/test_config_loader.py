@@ -76,3 +76,38 @@ def test_every_field_has_help():
     missing = [key for key, _, doc in rows if not doc]
     assert not missing, f"fields without a docstring: {missing}"
     assert ("margin", "0.0") == rows[-2][:2]
+
+
+RL = REQUIRED + ["sft_model_path=sft", "reward_fn=m:f"]
+
+
+@pytest.mark.parametrize(
+    "stage,override,match",
+    [
+        ("ppo", "ppo.policy_loss=gspo", "ppo.policy_loss = 'gspo': expected one of \\['ppo', 'gspo_token'"),
+        ("ppo", "ppo.policy_loss=dapo", "ppo.policy_loss"),
+        ("grpo", "grpo.sapo_temperature_neg=0", "grpo.sapo_temperature_pos and grpo.sapo_temperature_neg must be > 0"),
+        ("grpo", "grpo.overlong_buffer_length=40", "grpo.overlong_buffer_length = 40: must be in \\[0, generation.response_length = 32\\]"),
+        ("ppo", "ppo.overlong_buffer_length=-1", "ppo.overlong_buffer_length = -1"),
+        ("grpo", "rollout_correction.mask_low=1.2", "0 <= mask_low < 1 < mask_high"),
+        ("grpo", "rollout_correction.mode=token_tis", "rollout_correction.mode"),
+        ("ppo", "train.dump_rollouts=-1", "train.dump_rollouts = -1"),
+    ],
+)
+def test_objective_and_correction_errors_name_the_key(stage, override, match):
+    from megarlhf.config import GRPOConfig
+
+    cls = {"ppo": PPOConfig, "grpo": GRPOConfig}[stage]
+    with pytest.raises(ConfigError, match=match):
+        load_config(cls, None, RL + [override])
+
+
+def test_correction_needs_the_metrics():
+    from megarlhf.config import GRPOConfig
+
+    with pytest.raises(ConfigError, match="needs rollout_correction.measure = true"):
+        load_config(GRPOConfig, None, RL + ["rollout_correction.mode=token_mask", "rollout_correction.measure=false"])
+    cfg = load_config(GRPOConfig, None, RL + ["grpo.policy_loss=sapo", "grpo.epsilon_high=0.28"])
+    assert cfg.grpo.objective_knobs == {"temperature_pos": 1.0, "temperature_neg": 1.05}
+    cfg = load_config(PPOConfig, None, RL + ["ppo.policy_loss=cispo", "ppo.cliprange=0.3"])
+    assert cfg.ppo.objective_knobs == {"cliprange_low": 0.3, "cliprange_high": 0.3}
