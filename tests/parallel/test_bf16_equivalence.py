@@ -54,7 +54,9 @@ def main_weights(engine: TrainEngine) -> dict[torch.nn.Parameter, torch.Tensor]:
     for opt in opts:
         if hasattr(opt, "shard_fp32_from_float16_groups"):
             distributed = True
-            for model_group, main_group in zip(opt.model_float16_groups, opt.shard_fp32_from_float16_groups):
+            pairs = [*zip(opt.model_float16_groups, opt.shard_fp32_from_float16_groups),
+                     *zip(opt.model_fp32_groups, opt.shard_fp32_groups)]  # fmt: skip
+            for model_group, main_group in pairs:
                 for p, main in zip(model_group, main_group):
                     r = opt._get_model_param_range_map(p)["param"]
                     out[p].view(-1)[r.start : r.end] = main.detach().view(-1)
@@ -357,3 +359,62 @@ def test_dpo_step_bf16(world2, references, tmp_path, layout):
     check_bf16_arithmetic(diffs)
     assert res["loss"] == pytest.approx(ref["loss"], rel=BF16_EPS)
     print(f"bf16 DPO {layout}: L2 ratio {diffs['main_norm_ratio']:.2f}")
+
+
+def test_engine_samples_in_bf16(world2, references, tmp_path):
+    """The rollout engine on a bf16 actor at TP2 (bf16 weights, activations and KV cache,
+    which takes the keys' dtype): its sampling log-probs are the trainer's up to bf16
+    rounding (float32: within 1e-5, test_ppo_equivalence). Bound 2^-4: sixteen bf16
+    roundings of a unit logit; measured 4.6e-2 at most on the trained synthetic-task
+    policy (tools/logprob_gap.py), far less on this random one."""
+    from tests.parallel.test_ppo_equivalence import ROLLOUTS, sampling_logprobs_case
+
+    root, _ = references
+    res = world2.run(sampling_logprobs_case, str(root), str(tmp_path / "run"), BF16 + ["layout.tp=2"])[0]
+    assert res["tokens"] > 3 * ROLLOUTS and res["mean_lp"] < -0.05, res
+    assert 0 < res["lp"] < 2.0**-4 and res["ent"] < 2.0**-4, res
+    print(f"bf16 engine vs trainer: max |log-prob diff| {res['lp']:.1e}, entropy {res['ent']:.1e}")
+
+
+def bf16_checkpoint_case(run_dir: str):
+    """A bf16 TP2 run's checkpoint (after one step, so the float32 main weights hold more
+    than their bf16 rounding): its weights load exactly into bf16 at PP2 and into float32
+    at TP1 (the bf16 values, cast), and resuming at TP2 restores the float32 main weights
+    bitwise (not re-derived from the bf16 weights)."""
+    from megarlhf.checkpoint.dist_ckpt import load_checkpoint, load_model_weights, save_checkpoint
+
+    cfg = tiny_config("llama", params_dtype="bfloat16")
+    src = groups(2, 1)
+    reseed(5, src)
+    engine = TrainEngine(build_model(cfg, src), src, OptimConfig(learning_rate=1e-2), max_steps=2)
+    data = batch(b=4, seed=1)
+    n = data["mask"][:, 1:].sum()
+    engine.train_step([data], lambda out, mb: _nll(out, mb, n, src.tp, cfg.vocab_size))
+    params = weights.gather_full_state(engine.module, src)
+    main = weights.gather_full_state(engine.module, src, values=main_weights(engine))
+    save_checkpoint(run_dir, 1, {"actor": engine}, {}, keep=1)
+
+    out = {"main_has_more_bits": max((main[k] - params[k].float()).abs().max().item() for k in main)}
+    for name, layout, dtype in (("bf16_pp2", (1, 2), "bfloat16"), ("f32_tp1", (1, 1), "float32")):
+        dst = groups(*layout)
+        model = build_model(dataclasses.replace(cfg, params_dtype=dtype), dst)
+        load_model_weights(model, dst, run_dir, "actor")
+        loaded = weights.gather_full_state(model, dst)
+        out[name] = {
+            "dtype": str(next(model.parameters()).dtype),
+            "diff": max((loaded[k].float() - params[k].float()).abs().max().item() for k in params),
+        }
+    reseed(6, src)
+    resumed = TrainEngine(build_model(cfg, src), src, OptimConfig(learning_rate=1e-2), max_steps=2)
+    load_checkpoint(run_dir, {"actor": resumed})
+    got = weights.gather_full_state(resumed.module, src, values=main_weights(resumed))
+    out["resumed_main_diff"] = max((got[k] - main[k]).abs().max().item() for k in main)
+    return out
+
+
+def test_bf16_checkpoint_reshards_and_resumes(world2, tmp_path):
+    for res in world2.run(bf16_checkpoint_case, str(tmp_path / "run")):
+        assert res["main_has_more_bits"] > 0, res
+        assert res["bf16_pp2"] == {"dtype": "torch.bfloat16", "diff": 0.0}, res
+        assert res["f32_tp1"] == {"dtype": "torch.float32", "diff": 0.0}, res
+        assert res["resumed_main_diff"] == 0.0, res
