@@ -62,7 +62,10 @@ class ModelConfig:
     init_std: float = 0.02
     """Std of the normal weight init."""
     params_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Parameter / compute dtype. bf16 on GPU; CPU runs float32."""
+    """Parameter / activation dtype of every role (actor, critic, reference, reward model,
+    rollout engine). 'bfloat16': mixed precision with float32 main weights, gradient
+    buffers, optimizer state, log-probs, values and losses (docs/precision.md); tested on
+    CPU at every layout, but only faster on GPU."""
     sequence_parallel: bool = False
     """Megatron sequence parallelism (only meaningful with tp > 1)."""
     recompute: Literal["none", "full", "selective"] = "none"

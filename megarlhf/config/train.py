@@ -69,6 +69,10 @@ class OptimConfig:
     """Clip the global gradient norm to this (0 = no clipping)."""
     use_distributed_optimizer: bool = False
     """Shard optimizer states over data-parallel ranks (ZeRO-1)."""
+    grad_reduce_in_fp32: bool = True
+    """With bf16/fp16 parameters: accumulate gradients over micro-batches and reduce them
+    over data-parallel ranks in float32 (Megatron's grad_reduce_in_fp32). False halves the
+    gradient buffer but rounds every partial sum to 8 mantissa bits (docs/precision.md)."""
 
     def __post_init__(self):
         if self.learning_rate <= 0:

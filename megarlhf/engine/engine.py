@@ -57,7 +57,12 @@ class TrainEngine:
         # gradient hooks sit on the parameters, which stay leaves of the compiled graph).
         self.compiled_model = compile_model(model, groups, "the trained model") if compile else None
         self.groups = groups
-        self.model = wrap_ddp(model, groups, use_distributed_optimizer=optim.use_distributed_optimizer)
+        self.model = wrap_ddp(
+            model,
+            groups,
+            use_distributed_optimizer=optim.use_distributed_optimizer,
+            grad_reduce_in_fp32=optim.grad_reduce_in_fp32,
+        )
         params_dtype = model.config.params_dtype
         self.optimizer = get_megatron_optimizer(
             OptimizerConfig(

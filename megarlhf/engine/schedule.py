@@ -39,12 +39,19 @@ LossFn = Callable[[torch.Tensor, Batch], tuple[torch.Tensor, dict[str, Any]]]
 _ONE = torch.tensor(1, dtype=torch.int)
 
 
-def wrap_ddp(model: torch.nn.Module, groups: RoleGroups, *, use_distributed_optimizer: bool = False):
-    """Megatron DDP around a trainable model: contiguous fp32 grad buffers, DP reduction."""
+def wrap_ddp(
+    model: torch.nn.Module,
+    groups: RoleGroups,
+    *,
+    use_distributed_optimizer: bool = False,
+    grad_reduce_in_fp32: bool = True,
+):
+    """Megatron DDP around a trainable model: contiguous grad buffers (float32 unless
+    `grad_reduce_in_fp32=False`, whatever the parameters' dtype), DP reduction."""
     config = get_model_config(model)
     config.calculate_per_token_loss = True  # see module docstring: Megatron adds, we normalise
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True,
+        grad_reduce_in_fp32=grad_reduce_in_fp32,
         use_distributed_optimizer=use_distributed_optimizer,
         overlap_grad_reduce=False,
     )

@@ -192,6 +192,10 @@ def build_role_groups(layout: Layout, backend: str | None = None) -> RoleGroups:
     dp = grid.create_pg("dp")
     mp = grid.create_pg(["tp", "pp"])
     tp_dp = grid.create_pg(["tp", "dp"])
+    # The distributed optimizer reduces its grad norm (for clipping) over this group: all
+    # ranks of the layout, as Megatron's intra-distributed-optimizer-instance group. Over
+    # `dp` alone, TP/PP ranks would each clip by the norm of their own shard only.
+    every_rank = dp if layout.tp == layout.pp == 1 else grid.create_pg(["tp", "dp", "pp"])
     single = grid.create_pg("cp")  # size 1: stands in for every absent dimension (cp, ep)
 
     pp_lists = grid.get_rank_enum("pp")
@@ -204,7 +208,7 @@ def build_role_groups(layout: Layout, backend: str | None = None) -> RoleGroups:
         tp=tp, pp=pp, mp=mp, embd=embd, pos_embd=pos_embd, cp=single, tp_cp=tp,
         ep=single, expt_tp=tp, tp_ep=tp, tp_ep_pp=mp, tp_dp_cp=tp_dp,
         dp=dp, dp_cp=dp, expt_dp=dp, intra_dp_cp=dp, intra_expt_dp=dp,
-        intra_dist_opt=dp, inter_dist_opt=None,
+        intra_dist_opt=every_rank, inter_dist_opt=None,
     )  # fmt: skip
     return RoleGroups(layout=layout, pgc=pgc, tp_rank=tp.rank(), pp_rank=pp.rank(), dp_rank=dp.rank())
 

@@ -82,8 +82,13 @@ def load_full_state(model, full: dict[str, torch.Tensor], groups: RoleGroups) ->
 
 
 @torch.no_grad()
-def gather_full_state(model, groups: RoleGroups, *, grads: bool = False) -> dict[str, torch.Tensor]:
+def gather_full_state(
+    model, groups: RoleGroups, *, grads: bool = False, values: dict[torch.nn.Parameter, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
     """The full state (or full gradients, from `main_grad` or `.grad`) on every rank.
+
+    `values`: gather these per-parameter tensors (shaped like their parameter) instead,
+    e.g. the optimizer's float32 main weights of a bf16 model.
 
     Collective over the role's TP and PP groups. Meant for tests, refit and export of
     small-to-medium models: it materialises the whole model on each rank.
@@ -91,7 +96,7 @@ def gather_full_state(model, groups: RoleGroups, *, grads: bool = False) -> dict
     tp = groups.layout.tp
     stage: dict[str, torch.Tensor] = {}
     for name, (_, param) in local_parameters(model, groups).items():
-        value = param
+        value = param if values is None else values[param]
         if grads:
             value = getattr(param, "main_grad", None)
             if value is None:

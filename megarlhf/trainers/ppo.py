@@ -20,6 +20,7 @@ TP/PP layout on the same ranks; losses are sums over tokens divided by the minib
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
@@ -117,7 +118,8 @@ class PPOTrainer(RolloutTrainer):
         cfg, ctx = self.cfg, self.ctx
         value_path = cfg.value_model_path or cfg.reward_model_path
         if value_path:
-            critic_cfg = checkpoint_model_config(value_path)
+            # Shape from the checkpoint, dtype from this run (as for the reward model).
+            critic_cfg = replace(checkpoint_model_config(value_path), params_dtype=cfg.model.params_dtype)
             critic = build_model(critic_cfg, ctx["critic"], "value")
             saved = "critic" if (resolve_checkpoint(value_path) / "critic").is_dir() else "reward"
             load_model_weights(critic, ctx["critic"], value_path, saved)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import time
 from contextlib import contextmanager
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
@@ -205,7 +206,9 @@ class RolloutTrainer:
             self.reference = self._frozen(cfg.model, "reference", "lm", cfg.sft_model_path, "actor")
         self.reward = None
         if cfg.reward_model_path:
-            rm_cfg = checkpoint_model_config(cfg.reward_model_path)
+            # Shape from the checkpoint, numerics from this run: a float32 reward model
+            # scores in bf16 in a bf16 run (its weights are cast on load).
+            rm_cfg = replace(checkpoint_model_config(cfg.reward_model_path), params_dtype=cfg.model.params_dtype)
             self._check_vocab(rm_cfg, f"the reward model ({cfg.reward_model_path})")
             self.reward = self._frozen(rm_cfg, "reward", "value", cfg.reward_model_path, "reward")
 

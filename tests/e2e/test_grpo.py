@@ -18,11 +18,14 @@ def grpo_args(task_data, sft, run_dir, *extra):
     return ["--config", GRPO, *data_overrides(task_data, "prompts_train", "prompts_test"), f"sft_model_path={sft}", *run, *extra]
 
 
-def test_grpo_raises_heldout_reward(task_data, weak_sft, tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_grpo_raises_heldout_reward(task_data, weak_sft, tmp_path, dtype):
     """examples/grpo_tiny.yaml (16 prompts x 8 responses, rule reward, beta 0.04), 30
-    iterations; held-out prompts sampled with fixed seeds before and after."""
+    iterations; held-out prompts sampled with fixed seeds before and after. bfloat16:
+    mixed precision from the float32 SFT policy (docs/precision.md)."""
     run_dir = tmp_path / "grpo"
-    out = megarlhf("grpo", *grpo_args(task_data, weak_sft, run_dir, "train.max_steps=30", "train.eval_steps=30"))
+    extra = ("train.max_steps=30", "train.eval_steps=30", f"model.params_dtype={dtype}")
+    out = megarlhf("grpo", *grpo_args(task_data, weak_sft, run_dir, *extra))
     assert out.returncode == 0, out.stderr[-4000:]
     rows = metrics(run_dir)
     before = next(r for r in rows if r["step"] == 0)["eval/rule_score"]

@@ -170,3 +170,10 @@ def test_single_rank_1x8_vs_8x1(world2):
 
 def test_tp2_pp2(world4):
     print(f"tp2 pp2: {check(world4.run(training_case, 2, 2, 2)):.2e}")
+
+
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)], ids=["tp2xdp2", "pp2xdp2"])
+def test_distributed_optimizer_with_model_parallelism(world4, tp, pp):
+    """The distributed optimizer's grad norm (hence clipping) spans TP/PP shards too, not
+    only its DP group (OPTIM's max_grad_norm clips these steps)."""
+    print(f"tp{tp} pp{pp} dp2 distributed optimizer: {check(world4.run(training_case, tp, pp, 2, distributed_optimizer=True)):.2e}")

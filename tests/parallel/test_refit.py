@@ -19,8 +19,8 @@ from tests.parallel.common import batch, groups, reseed, tiny_config
 PROMPTS = [[5, 17, 33], [8, 9, 10, 11, 12], [40, 41]]
 
 
-def refit_case(actor_layout, engine_layout):
-    cfg = tiny_config("llama")
+def refit_case(actor_layout, engine_layout, dtype="float32"):
+    cfg = tiny_config("llama", params_dtype=dtype)
     ga, ge = groups(*actor_layout), groups(*engine_layout)
     reseed(3, ga)
     actor = TrainEngine(build_model(cfg, ga), ga, OptimConfig(learning_rate=1e-2), max_steps=5)
@@ -68,6 +68,13 @@ def test_refit_two_ranks(world2, actor_layout, engine_layout):
         assert res["moved"] > 1e-3  # the optimizer step changed the weights ...
         assert res["refit_diff"] == 0.0  # ... and the engine holds exactly the new ones
         assert res["same_tokens"]
+
+
+def test_refit_bf16_pp2_to_tp2(world2):
+    """bf16 actor and engine copy: refit moves the bf16 weights (the rounded float32 main
+    weights) exactly, and the copy generates what they generate."""
+    for res in world2.run(refit_case, (1, 2), (2, 1), "bfloat16"):
+        assert res["moved"] > 1e-3 and res["refit_diff"] == 0.0 and res["same_tokens"]
 
 
 def test_refit_tp2pp2_to_tp2(world4):
