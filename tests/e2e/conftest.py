@@ -75,7 +75,25 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-DATA_WRITERS = {"jsonl": (".jsonl", write_jsonl)}
+def write_parquet(path: Path, rows: list[dict]) -> Path:
+    """One Parquet file (pyarrow infers the schema; rows of another form get nulls)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def write_save_to_disk(path: Path, rows: list[dict]) -> Path:
+    """A `datasets.Dataset.save_to_disk` folder."""
+    import datasets
+
+    datasets.Dataset.from_list(rows).save_to_disk(str(path))
+    return path
+
+
+DATA_WRITERS = {"jsonl": (".jsonl", write_jsonl), "parquet": (".parquet", write_parquet),
+                "save_to_disk": ("", write_save_to_disk)}  # fmt: skip
 """Format name -> (file suffix, writer(path, rows) -> the path to pass as data.*_file)."""
 
 

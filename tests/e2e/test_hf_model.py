@@ -1,8 +1,8 @@
 """Bring your own model: a Hugging Face Llama with a ChatML tokenizer (built and converted by
 the `converted_llama` fixture) through SFT, RM, DPO and GRPO, with only the converted
 directory (or the previous stage's run) as the model; the tokenizer, special tokens, chat
-template and model shape all come from it. The data files are written by each format's
-writer (conftest.DATA_WRITERS).
+template and model shape all come from it. Training files are Parquet, eval files
+`save_to_disk` folders (conftest.DATA_WRITERS).
 
 Task: yes/no questions whose SFT answers are "Yes." or "No." at random, so the SFT policy
 says either; the preference data and GRPO's rule reward prefer "Yes".
@@ -42,13 +42,20 @@ def _rows(seed: int):
     return sft, pairs, prompts
 
 
-@pytest.fixture(scope="module", params=sorted(DATA_WRITERS))
-def hf_data(request, tmp_path_factory):
-    suffix, write = DATA_WRITERS[request.param]
-    root = tmp_path_factory.mktemp(f"hf_data_{request.param}")
+@pytest.fixture(scope="module")
+def hf_data(tmp_path_factory):
+    """Training files in Parquet (the SFT file mixes message lists and prompt/response rows,
+    so each form's columns hold nulls in the other's rows), eval files as save_to_disk
+    folders: every stage reads both formats once, at no extra runs."""
+    root = tmp_path_factory.mktemp("hf_data")
     sft, pairs, prompts = _rows(0)
-    files = {"sft": sft, "pairs": pairs, "pairs_eval": pairs[:16], "prompts": prompts, "prompts_eval": prompts[:32]}
-    return {name: str(write(root / f"{name}{suffix}", rows)) for name, rows in files.items()}
+    files = {"sft": (sft, "parquet"), "pairs": (pairs, "parquet"), "pairs_eval": (pairs[:16], "save_to_disk"),
+             "prompts": (prompts, "parquet"), "prompts_eval": (prompts[:32], "save_to_disk")}  # fmt: skip
+    out = {}
+    for name, (rows, fmt) in files.items():
+        suffix, write = DATA_WRITERS[fmt]
+        out[name] = str(write(root / f"{name}{suffix}", rows))
+    return out
 
 
 COMMON = ["optim.lr_scheduler_type=constant", "train.logging_steps=1000", "data.max_length=64"]

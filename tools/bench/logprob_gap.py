@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """The gap between the rollout engine's sampling log-probs and the trainer's, per dtype.
 
-    python tools/logprob_gap.py --set sft_model_path=runs/sft --set data.tokenizer=runs/data/sp.model \
+    python tools/bench/logprob_gap.py --set sft_model_path=runs/sft --set data.tokenizer=runs/data/sp.model \
         --set data.train_file=runs/data/prompts_train.jsonl            # examples/grpo_tiny.yaml
-    python tools/logprob_gap.py --dtypes bfloat16 --batches 4 --json gap.json --set ...
+    python tools/bench/logprob_gap.py --dtypes bfloat16 --batches 4 --json gap.json --set ...
 
 For each dtype (model.params_dtype), builds the GRPO trainer of --config on one process,
 generates --batches rollout batches with its engine (KV cache, in that dtype) from the
