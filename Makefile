@@ -51,5 +51,19 @@ $(STAMP312): setup.py
 test-312: $(STAMP312) $(STAMP)
 	MEGARLHF_MCORE_016_PYTHON=$(abspath $(PY)) $(VENV312)/bin/python -m pytest $(TESTS_312) $(PYTEST_ARGS)
 
+# GPU check (tools/gpu_check.sh): `make gpu-wheels` here (network), `make gpu-check` on the
+# GPU machine (offline, its own Python 3.12 + CUDA torch).
+GPU_WHEELS ?= wheels
+WHEEL_PLATFORMS := $(foreach p,manylinux_2_28 manylinux_2_27 manylinux_2_24 manylinux_2_17 manylinux2014 manylinux_2_12 manylinux2010,--platform $(p)_x86_64)
+
+gpu-wheels:
+	@test -n "$(PY312)" || { echo "no Python 3.12 found: set PY312=/path/to/python3.12" >&2; exit 2; }
+	$(PY312) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		$(WHEEL_PLATFORMS) -d $(GPU_WHEELS) -r tools/gpu_wheels.txt
+	du -sh $(GPU_WHEELS)
+
+gpu-check:
+	GPU_WHEELS=$(GPU_WHEELS) tools/gpu_check.sh
+
 clean-venv:
-	rm -rf $(VENV) $(VENV312)
+	rm -rf $(VENV) $(VENV312) .venv-gpu-check
