@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megarlhf.checkpoint.dist_ckpt import load_checkpoint
+from megarlhf.checkpoint.dist_ckpt import load_checkpoint, resolve_checkpoint, save_checkpoint
 from megarlhf.parallel import compat, weights
 from megarlhf.rollout.engine import GenerationEngine
 from megarlhf.rollout.sampling import SamplingParams
@@ -85,17 +85,19 @@ def test_inference_flag_does_not_leak_into_training(world2):
         assert res["max_param_diff"] == 0.0
 
 
-def resume_case(run_dir: str) -> dict:
+def resume_case(run_dir: str, new_dir: str) -> dict:
     eng = writer.engine(seed=99)  # another init: everything must come from the checkpoint
     state = load_checkpoint(run_dir, {"actor": eng})
     second = writer.step(eng, seed=2)
+    save_checkpoint(new_dir, 2, {"actor": eng}, {}, keep=1)  # in this release's format
     return {"writer": state["writer"], "nll": second["nll"], "params": weights.gather_full_state(eng.module, eng.groups)}
 
 
 @pytest.mark.skipif(not compat.COMMON_STATE_IN_TORCH_DIST, reason="reads a 0.16.1 checkpoint under megatron-core >= 0.17")
 def test_checkpoint_from_megatron_core_0_16_resumes(world2, tmp_path):
     """A TP2 training checkpoint (model, optimizer, scheduler, RNG) written by
-    megatron-core 0.16.1 resumes here: the next step equals the writer's own next step."""
+    megatron-core 0.16.1 resumes here: the next step equals the writer's own next step.
+    The other way round 0.16.1 cannot read this release's checkpoints: it says so."""
     old_python = os.environ.get(OLD_PYTHON_ENV)
     if not old_python:
         if os.environ.get("CI"):
@@ -107,8 +109,18 @@ def test_checkpoint_from_megatron_core_0_16_resumes(world2, tmp_path):
     )
     expected = torch.load(tmp_path / "expected.pt", weights_only=False)
     assert expected["megatron_core"] == "0.16.1"
-    for res in world2.run(resume_case, str(tmp_path)):
+    for res in world2.run(resume_case, str(tmp_path), str(tmp_path / "new")):
         assert res["writer"] == "0.16.1"
         assert res["nll"] == pytest.approx(expected["nll"], rel=1e-6)
         diff = max((res["params"][n] - expected["params"][n]).abs().max().item() for n in expected["params"])
         assert diff < 1e-6, diff
+
+    def format_error(python: str, run_dir: Path) -> str:
+        role_dir = resolve_checkpoint(run_dir) / "actor"
+        code = f"from megarlhf.parallel.compat import checkpoint_format_error as f; print(f({str(role_dir)!r}))"
+        return subprocess.run([python, "-c", code], cwd=REPO, env=env, check=True, capture_output=True, text=True).stdout
+
+    assert format_error(sys.executable, tmp_path).strip() == "None"  # this release reads both
+    assert format_error(sys.executable, tmp_path / "new").strip() == "None"
+    assert format_error(old_python, tmp_path).strip() == "None"
+    assert "written by megatron-core >= 0.17" in format_error(old_python, tmp_path / "new")
