@@ -15,7 +15,7 @@ setup(
     packages=find_packages(include=["megarlhf", "megarlhf.*"]),
     install_requires=[
         "torch>=2.4",
-        "megatron-core==0.16.1",
+        "megatron-core>=0.16.1,<0.20",  # 0.17+ need Python >= 3.12; see docs/megatron-versions.md
         "numpy",
         "sentencepiece",
         "tokenizers",

@@ -30,7 +30,8 @@ from megatron.core import dist_checkpointing
 
 from megarlhf.config import ConfigError, ModelConfig, dump_yaml
 from megarlhf.config.loader import build
-from megarlhf.parallel.layout import RoleGroups, parallel_state_ranks
+from megarlhf.parallel import compat
+from megarlhf.parallel.layout import RoleGroups
 
 _ITER = re.compile(r"^iter_(\d{7})$")
 
@@ -105,10 +106,16 @@ def latest_step(run_dir: str | Path) -> int | None:
 
 
 def _model_state(model: torch.nn.Module, groups: RoleGroups) -> dict:
-    # parallel_state_ranks: with tied embeddings at PP > 1, Megatron-Core 0.16.1 asks
-    # parallel_state (never initialised here) for the DP rank of the last stage's copy.
-    with parallel_state_ranks(groups):
+    # With tied embeddings at PP > 1, Megatron-Core (through 0.19) asks parallel_state
+    # (never initialised here) for the DP rank of the last stage's copy.
+    with compat.tied_embeddings_rank_context(groups):
         return model.sharded_state_dict(metadata={"dp_cp_group": groups.dp})
+
+
+def _check_format(role_dir: Path) -> None:
+    why = compat.checkpoint_format_error(role_dir)
+    if why:
+        raise CheckpointError(why)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -213,6 +220,7 @@ def load_model_weights(
     if not (ckpt / role).is_dir():
         found = sorted(p.name for p in ckpt.iterdir() if p.is_dir() and p.name != "rng")
         raise CheckpointError(f"{ckpt} has no '{role}' model (it has: {found})")
+    _check_format(ckpt / role)
     try:
         wanted = {k: v for k, v in _model_state(model, groups).items() if not k.startswith(exclude)}
         state = dist_checkpointing.load({"model": wanted}, str(ckpt / role))
@@ -267,6 +275,8 @@ def load_checkpoint(path: str | Path, engines: dict[str, Any]) -> dict[str, Any]
     Returns the trainer state saved with it (step, sampler, ...).
     """
     ckpt = resolve_checkpoint(path)
+    for role in engines:
+        _check_format(ckpt / role)
     try:
         for role, engine in engines.items():
             model_sd = _model_state(engine.module, engine.groups)

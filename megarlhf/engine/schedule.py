@@ -29,7 +29,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 from megatron.core.utils import get_model_config
 
-from megarlhf.parallel import cpu_compat
+from megarlhf.parallel import compat, cpu_compat
 from megarlhf.parallel.layout import RoleGroups
 
 Batch = dict[str, torch.Tensor]
@@ -80,6 +80,9 @@ def run_microbatches(
     first/last stage for tied embeddings). `forward`: what the microbatches go through
     instead of `model` (the compiled model of `TrainEngine(compile=True)`).
     """
+    # A Megatron inference engine may have left its process-wide flag set (0.18+); under
+    # it the forward takes inference-only paths and a training forward fails.
+    compat.leave_inference_mode()
     config = get_model_config(model)
     micro_batch_size, seq_length = microbatches[0]["tokens"].shape
     if groups.layout.pp > 1:  # stages exchange activations of one fixed shape

@@ -135,8 +135,8 @@ def parallel_state_ranks(groups: RoleGroups) -> Iterator[None]:
     ranks; its previous answers come back afterwards, also on error.
 
     megarlhf never initialises parallel_state's global groups (every role has its own
-    ProcessGroupCollection), yet Megatron-Core 0.16.1 still asks them for a rank in a few
-    places: building the sharded state of a tied output layer on the last pipeline stage
+    ProcessGroupCollection), yet Megatron-Core (0.16.1 through 0.19.x; see
+    compat.tied_embeddings_rank_context) still asks them for a rank in a few places: building the sharded state of a tied output layer on the last pipeline stage
     (LanguageModule.tie_embeddings_and_output_weights_state_dict) takes the replica id of
     that copy from `get_data_parallel_rank()`, which fails without a DP group. The rank
     overrides parallel_state keeps for such uses (`set_*_rank`) answer it without groups.

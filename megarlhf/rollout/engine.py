@@ -49,7 +49,7 @@ from megatron.core.inference.contexts import StaticInferenceContext
 
 from megarlhf.models.attention import FixedShapeDecodeContext, sdpa_twins
 from megarlhf.models.compile import torch_compile
-from megarlhf.parallel import cpu_compat
+from megarlhf.parallel import compat, cpu_compat
 from megarlhf.parallel.layout import RoleGroups
 from megarlhf.rollout.sampling import SamplingParams, row_uniforms, sample_tokens
 
@@ -146,7 +146,7 @@ class GenerationEngine:
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams, seeds: list[int]) -> Rollouts:
         """Generate one response per prompt; sample i draws from torch.Generator(seeds[i])'s stream."""
-        with cpu_compat.fast_path(), self._mask_taking_attention():
+        with cpu_compat.fast_path(), compat.inference_mode(), self._mask_taking_attention():
             return self._generate(prompts, params, seeds)
 
     @contextmanager

@@ -54,6 +54,9 @@ MODELS = {
     "tiny": [],  # the examples' 0.6M-parameter Llama
     "20m": ["model.num_layers=6", "model.hidden_size=512", "model.num_attention_heads=8", "model.num_query_groups=4",
             "model.ffn_hidden_size=1536"],
+    # ~1B parameters (TinyLlama's shape), bf16: tools/gpu_check.sh's GPU figures
+    "1b": ["model.num_layers=22", "model.hidden_size=2048", "model.num_attention_heads=32", "model.num_query_groups=4",
+           "model.ffn_hidden_size=5632", "model.params_dtype=bfloat16"],
 }  # fmt: skip
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR",
                "MASTER_PORT", "TORCHELASTIC_RUN_ID")  # fmt: skip
