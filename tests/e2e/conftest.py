@@ -76,11 +76,13 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def write_parquet(path: Path, rows: list[dict]) -> Path:
-    """One Parquet file (pyarrow infers the schema; rows of another form get nulls)."""
+    """One Parquet file; a column of one form is null in the other form's rows (from_pylist
+    alone would take the columns of the first row only)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pq.write_table(pa.Table.from_pylist(rows), path)
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    pq.write_table(pa.Table.from_pydict({k: [r.get(k) for r in rows] for k in keys}), path)
     return path
 
 
