@@ -2,7 +2,9 @@
 
 Every command runs SPMD: the same command on every rank (`torchrun -m megarlhf ...` or
 `srun megarlhf ...`). Exit codes: 0 done; 2 bad config or data (the message names the
-field or file:line); other non-zero for crashes.
+field or file:line); 3 a checkpoint that cannot be loaded, verified or saved; 4 training
+diverged (non-finite loss or gradients past train.max_skipped_steps); other non-zero for
+crashes.
 """
 
 from __future__ import annotations
@@ -167,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from megarlhf.checkpoint.dist_ckpt import CheckpointError
     from megarlhf.config import ConfigError, DataError
+    from megarlhf.config.errors import TrainingDiverged
     from megarlhf.parallel import LayoutError
 
     try:
@@ -190,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as err:
         print(f"megarlhf {args.command}: checkpoint error: {err}", file=sys.stderr)
         return 3
+    except TrainingDiverged as err:
+        print(f"megarlhf {args.command}: {err}", file=sys.stderr)
+        return 4
     raise AssertionError(f"unhandled command {args.command}")
 
 

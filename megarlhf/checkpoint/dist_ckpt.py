@@ -29,6 +29,7 @@ import yaml
 from megatron.core import dist_checkpointing
 
 from megarlhf.config import ConfigError, ModelConfig, dump_yaml
+from megarlhf.config.errors import TrainingDiverged
 from megarlhf.config.loader import build
 from megarlhf.parallel.layout import RoleGroups, parallel_state_ranks
 
@@ -141,7 +142,10 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     keep: int,
 ) -> Path:
-    """Collective: save `engines` ({role: TrainEngine}) and `trainer_state` at `step`."""
+    """Collective: save `engines` ({role: TrainEngine}) and `trainer_state` at `step`.
+
+    Refuses (TrainingDiverged, before anything is written) when any weight is NaN/inf."""
+    _check_finite(run_dir, step, engines)
     root, tmp, final = _start_save(run_dir, step, ["rng", *engines])
     rank = dist.get_rank()
     for role, engine in engines.items():
@@ -157,6 +161,19 @@ def save_checkpoint(
         torch.save({**trainer_state, "step": step, "schedulers": schedulers}, tmp / "trainer_state.pt")
     _publish(root, tmp, final, keep)
     return final
+
+
+def _check_finite(run_dir: str | Path, step: int, engines: dict[str, Any]) -> None:
+    """Collective over the world: raise TrainingDiverged on every rank when any rank holds
+    a non-finite weight of any engine (so a NaN checkpoint never replaces a good one)."""
+    bad = [role for role, e in engines.items() if not all(torch.isfinite(p).all() for p in e.module.parameters())]
+    flag = torch.tensor([float(len(bad))], device="cuda" if torch.cuda.is_available() else "cpu")
+    dist.all_reduce(flag)
+    if flag.item():
+        raise TrainingDiverged(
+            f"not saving step {step}: weights of {bad or 'a model on another rank'} are not finite; "
+            f"the newest checkpoint under {Path(run_dir) / 'checkpoints'} is left as it was"
+        )
 
 
 def _start_save(run_dir: str | Path, step: int, subdirs: list[str]) -> tuple[Path, Path, Path]:

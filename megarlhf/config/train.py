@@ -155,6 +155,14 @@ class RunConfig:
     """Checkpoint every this many steps (and at the end); 0 = only at the end."""
     save_total_limit: int = 2
     """Keep the newest this many checkpoints."""
+    max_skipped_steps: int = 3
+    """Optimizer steps with a non-finite loss or gradient norm are skipped (not applied,
+    optimizer state untouched) and logged; this many in a row (per trained model) stop
+    the run with exit code 4, naming the first bad step and the last finite checkpoint."""
+    on_save_error: Literal["stop", "continue"] = "stop"
+    """A checkpoint that cannot be written (disk full, permissions, I/O error): 'stop' =
+    exit code 3 with the directory and its free space named; 'continue' = say so and keep
+    training (the previous checkpoint stays the latest)."""
 
     def __post_init__(self):
         if self.max_steps < 1:
@@ -169,6 +177,8 @@ class RunConfig:
         # GRPO global_batch_size counts prompts, each with num_generations sequences).
         if self.save_total_limit < 1:
             raise ConfigError("train.save_total_limit must be >= 1")
+        if self.max_skipped_steps < 1:
+            raise ConfigError(f"train.max_skipped_steps = {self.max_skipped_steps}: must be >= 1")
 
     def forward_micro_batch(self, rows: int, pipelined: bool) -> int:
         """Rows per forward-only microbatch when one rank scores `rows` rows

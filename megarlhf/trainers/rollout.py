@@ -49,6 +49,7 @@ from megarlhf.rollout import GenerationEngine, SamplingParams
 from megarlhf.rollout.rewards import load_reward_fn
 from megarlhf.trainers.ppo_batches import cut_microbatches, rollout_batch
 from megarlhf.trainers.rm import sequence_scores
+from megarlhf.trainers.guard import NonFiniteGuard
 from megarlhf.trainers.preempt import StopRequest
 from megarlhf.trainers.run import RunDir
 
@@ -109,6 +110,7 @@ class RolloutTrainer:
                 self.compiled[engine.model] = engine.compiled_model
 
         self.step = 0
+        self.guard = NonFiniteGuard(cfg.train.max_skipped_steps, cfg.train.run_dir)
         resume_from = resume_checkpoint(resume, cfg.train.run_dir)
         self.run = RunDir(cfg.train.run_dir, cfg, is_main=self.ctx.is_main, resume=resume_from is not None)
         if resume_from is not None:
@@ -509,6 +511,7 @@ class RolloutTrainer:
         while self.step < cfg.max_steps:
             metrics = self.iteration()
             self.step += 1
+            self.guard.after_step(self.step, self.trainables(), run)
             if cfg.eval_steps and self.step % cfg.eval_steps == 0 or self.step == cfg.max_steps:
                 last_eval = self.evaluate()
                 metrics.update(last_eval)

@@ -31,6 +31,7 @@ from megarlhf.engine.engine import TrainEngine
 from megarlhf.models.backbone import build_model
 from megarlhf.parallel import Layout, build_parallel_context, init_distributed, seed_all
 from megarlhf.parallel.layout import RoleGroups
+from megarlhf.trainers.guard import NonFiniteGuard
 from megarlhf.trainers.preempt import StopRequest
 from megarlhf.trainers.run import RunDir
 
@@ -72,6 +73,7 @@ class SupervisedTrainer:
         self.device = next(model.parameters()).device
 
         self.step = 0
+        self.guard = NonFiniteGuard(cfg.train.max_skipped_steps, cfg.train.run_dir)
         resume_from = resume_checkpoint(resume, cfg.train.run_dir)
         self.run = RunDir(cfg.train.run_dir, cfg, is_main=self.ctx.is_main, resume=resume_from is not None)
         if resume_from is not None:
@@ -143,6 +145,7 @@ class SupervisedTrainer:
             n, tokens, computed = self.global_counts(microbatches)
             sums = self.engine.train_step(microbatches, partial(self.loss, n=n))
             self.step += 1
+            self.guard.after_step(self.step, {self.role: self.engine}, run)
             elapsed = time.perf_counter() - t0
             metrics = self.metrics(sums)
             metrics.update(

@@ -1,0 +1,65 @@
+"""What a run that goes wrong keeps (docs/reliability.md): divergence, corrupted
+checkpoints, a full disk, broken reward functions. Tiny models (2 layers, hidden 64)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from tests.e2e.conftest import data_overrides, megarlhf
+
+TINY = ["model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=128"]
+
+
+def sft_args(task_data, run_dir: Path, *extra: str) -> list[str]:
+    return [
+        "sft", "--config", "examples/sft_tiny.yaml", *data_overrides(task_data, "sft"), "data.eval_file=", *TINY,
+        "train.micro_batch_size=8", "train.global_batch_size=8", "train.logging_steps=1", "optim.warmup_steps=0",
+        "optim.lr_scheduler_type=constant", f"train.run_dir={run_dir}", *extra,
+    ]  # fmt: skip
+
+
+def saved_weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    """The actor's full weights of a single-rank dist checkpoint (torch's DCP reader)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    state: dict = {}
+    _load_state_dict(state, storage_reader=FileSystemReader(str(ckpt / "actor")), planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+    return {k: v for k, v in state.items() if torch.is_tensor(v) and k.startswith("model.")}
+
+
+def test_divergence_stops_with_exit_4_and_keeps_the_newest_finite_checkpoint(task_data, tmp_path):
+    """A weight decay of lr x wd = 100 multiplies every matrix by -99 per step: finite for
+    eight steps, then the attention overflows and every gradient norm is NaN. Checkpoints
+    every 2 steps, only one kept: before the guard the NaN checkpoints rotated the last
+    finite one away and the run exited 0."""
+    run = tmp_path / "nan"
+    args = sft_args(task_data, run, "train.max_steps=20", "train.save_steps=2", "train.save_total_limit=1",
+                    "optim.learning_rate=1e-3", "optim.weight_decay=1e5")  # fmt: skip
+    out = megarlhf(*args)
+    assert out.returncode == 4, out.stderr[-3000:]
+    log = (run / "logs" / "train.log").read_text()
+    skipped = [line for line in log.splitlines() if "optimizer step skipped" in line]
+    first_bad = int(skipped[0].split(":")[0].split()[1])
+    assert len(skipped) == 3 and "grad norm nan" in skipped[0], log[-2000:]
+    newest = run / "checkpoints" / f"iter_{first_bad + 1 - (first_bad + 1) % 2:07d}"
+    assert f"the first at step {first_bad}" in out.stderr and str(newest) in out.stderr, out.stderr[-2000:]
+    assert (run / "checkpoints" / "latest").read_text().strip() == newest.name
+    assert all(torch.isfinite(v).all() for v in saved_weights(newest).values())
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows[first_bad - 2]["grad_norm"] is not None and rows[first_bad - 1]["grad_norm"] is None
+
+    # That checkpoint resumes (and, the same settings, skips again from the next step).
+    again = megarlhf(*args, "--resume", "auto")
+    assert again.returncode == 4 and f"resumed from {newest}" in again.stdout, again.stderr[-2000:]
+
+    # An update that makes the weights infinite is applied (its loss and gradient were
+    # finite) but never saved: the save refuses and the run stops with exit code 4.
+    inf = tmp_path / "inf"
+    out = megarlhf(*sft_args(task_data, inf, "train.max_steps=3", "train.save_steps=1", "optim.learning_rate=1e39"))
+    assert out.returncode == 4 and "not saving step 1: weights of ['actor'] are not finite" in out.stderr, out.stderr[-2000:]
+    assert not (inf / "checkpoints").exists() or not any((inf / "checkpoints").glob("iter_*"))
