@@ -171,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     from megarlhf.config import ConfigError, DataError
     from megarlhf.config.errors import TrainingDiverged
     from megarlhf.parallel import LayoutError
+    from megarlhf.rollout.rewards import RewardError
 
     try:
         if args.command in STAGES:
@@ -196,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as err:
         print(f"megarlhf {args.command}: {err}", file=sys.stderr)
         return 4
+    except RewardError as err:  # the user's reward function: its message, not ours
+        print(f"megarlhf {args.command}: error: {err}", file=sys.stderr)
+        return 1
     raise AssertionError(f"unhandled command {args.command}")
 
 

@@ -46,7 +46,7 @@ from megarlhf.parallel import Layout, RoleGroups, build_parallel_context, init_d
 from megarlhf.parallel.collect import gather_rows, is_row_owner, shard_rows
 from megarlhf.parallel.refit import WeightRefit
 from megarlhf.rollout import GenerationEngine, SamplingParams
-from megarlhf.rollout.rewards import load_reward_fn
+from megarlhf.rollout.rewards import RewardError, agree_on_failure, checked_scores, load_reward_fn
 from megarlhf.trainers.ppo_batches import cut_microbatches, rollout_batch
 from megarlhf.trainers.rm import sequence_scores
 from megarlhf.trainers.guard import NonFiniteGuard
@@ -273,7 +273,7 @@ class RolloutTrainer:
         cfg = self.cfg
         timer = PhaseTimer()
         t_start = time.perf_counter()
-        items = self.rollout_items([self.prompts[i] for i in self.sampler.next_batch()])
+        items = self.rollout_items([{**self.prompts[i], "index": i} for i in self.sampler.next_batch()])
         sampling = SamplingParams(
             max_new_tokens=cfg.generation.response_length, temperature=cfg.generation.temperature,
             top_k=cfg.generation.top_k, top_p=cfg.generation.top_p,
@@ -399,16 +399,22 @@ class RolloutTrainer:
         if self.reward_fn is not None:
             parts["rule_score"] = self.rule_scores(batch, items)
             total += cfg.reward_fn_weight * parts["rule_score"]
+            total = self.exclude_unscored(batch, total)
+            unscored = torch.isnan(parts["rule_score"])
+            parts["rule_score"] = parts["rule_score"].nan_to_num(0.0)
+            parts["unscored_fraction"] = unscored.float()
         return total, parts
 
     def rule_scores(self, batch, items) -> torch.Tensor:
         """The rule reward, each sample scored once in the world (a rule may be costly or
-        call a service): by the rollout DP rank that generated it, then gathered."""
+        call a service): by the rollout DP rank that generated it, then gathered. NaN
+        where the rule returned None; a rule that raises or returns NaN/inf stops the run
+        on every rank (RewardError naming the rule, the prompt and the value)."""
         groups = self.ctx["rollout"]
         n = batch["tokens"].shape[0]
         rows = shard_rows(n, groups)
         owner = is_row_owner(groups)
-        local = None
+        local, failure = None, None
         if owner:
             texts, prompts, answers = [], [], []
             for i in rows:
@@ -417,8 +423,30 @@ class RolloutTrainer:
                 texts.append(self.tokenizer.decode(ids))
                 prompts.append(items[i]["prompt_text"])
                 answers.append(items[i]["answer"])
-            local = torch.tensor(self.reward_fn(prompts, texts, answers), dtype=torch.float64)
+            where = [f"prompt {items[i].get('index', '?')} (row {i} of iteration {self.step + 1})" for i in rows]
+            try:
+                local = checked_scores(self.reward_fn, self.cfg.reward_fn, prompts, texts, answers, where)
+            except RewardError as err:
+                local, failure = torch.zeros(len(rows), dtype=torch.float64), str(err)
+        agree_on_failure(failure, self.device)
         return gather_rows(local, rows, (n,), owner=owner, dtype=torch.float64, device=self.device).float().cpu()
+
+    def exclude_unscored(self, batch, total: torch.Tensor) -> torch.Tensor:
+        """Samples a rule scored None leave the loss: their response mask rows become 0
+        (in place, so every later use of batch["mask"] sees it) and their score is the
+        mean of the scored samples of their group (`score_group_size` consecutive rows),
+        so group statistics (GRPO's mean) are those of the scored samples."""
+        unscored = torch.isnan(total)
+        if not unscored.any():
+            return total
+        batch["mask"].mul_((~unscored).to(batch["mask"].dtype).to(batch["mask"].device).unsqueeze(1))
+        grouped = total.view(-1, self.score_group_size())
+        fill = torch.nanmean(grouped, dim=1, keepdim=True).nan_to_num(0.0).expand_as(grouped)
+        return torch.where(torch.isnan(grouped), fill, grouped).view(-1)
+
+    def score_group_size(self) -> int:
+        """Consecutive rows that share a prompt (GRPO: num_generations)."""
+        return 1
 
     # --- train ---------------------------------------------------------------------------
     def _length_multiple(self, groups: RoleGroups) -> int:

@@ -63,3 +63,36 @@ def test_divergence_stops_with_exit_4_and_keeps_the_newest_finite_checkpoint(tas
     out = megarlhf(*sft_args(task_data, inf, "train.max_steps=3", "train.save_steps=1", "optim.learning_rate=1e39"))
     assert out.returncode == 4 and "not saving step 1: weights of ['actor'] are not finite" in out.stderr, out.stderr[-2000:]
     assert not (inf / "checkpoints").exists() or not any((inf / "checkpoints").glob("iter_*"))
+
+
+def grpo_args(task_data, sft, run_dir, reward_fn, *extra):
+    return [
+        "grpo", "--config", "examples/grpo_tiny.yaml", *data_overrides(task_data, "prompts_train"), "data.eval_file=",
+        f"sft_model_path={sft}", f"train.run_dir={run_dir}", f"reward_fn=tests.e2e.faulty_rewards:{reward_fn}",
+        "train.global_batch_size=4", "grpo.num_generations=4", "grpo.num_mini_batches=1", *extra,
+    ]  # fmt: skip
+
+
+def test_reward_function_faults(task_data, weak_sft, tmp_path):
+    """A rule that raises, or returns NaN, stops the run naming it, the prompt and the
+    value (or the exception); one returning None for a third of the samples trains on the
+    other two thirds."""
+    out = megarlhf(*grpo_args(task_data, weak_sft, tmp_path / "raises", "raises", "train.max_steps=1"))
+    assert out.returncode == 1, out.stderr[-3000:]
+    err = out.stderr
+    assert "reward function tests.e2e.faulty_rewards:raises raised" in err and "ZeroDivisionError" in err, err[-3000:]
+    assert "prompt " in err and "faulty_rewards.py" in err  # the function's own traceback
+
+    out = megarlhf(*grpo_args(task_data, weak_sft, tmp_path / "nan", "nan_for_third", "train.max_steps=1"))
+    assert out.returncode == 1, out.stderr[-3000:]
+    assert "reward function tests.e2e.faulty_rewards:nan_for_third returned nan for prompt " in out.stderr, out.stderr[-3000:]
+    assert "(row 2 of iteration 1)" in out.stderr
+
+    run = tmp_path / "none"
+    out = megarlhf(*grpo_args(task_data, weak_sft, run, "none_for_every_third", "train.max_steps=2", "grpo.missing_eos_penalty=0"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:  # 16 responses a step: rows 0, 3, ..., 15 (6 of 16) left out of the loss
+        assert row["objective/unscored_fraction"] == 6 / 16, row
+        assert row["objective/trained_fraction"] == 10 / 16, row
+        assert row["actor/steps"] == 1 and row["actor/update_applied"] == 1.0, row
