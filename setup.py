@@ -25,6 +25,7 @@ setup(
         "psutil",  # megatron.core.dist_checkpointing
         "einops",  # megatron.core.hyper_comm_grid
         "matplotlib",  # plots/*.png in run directories
+        "xxhash",  # checkpoint checksums (checkpoint/verify.py)
     ],
     extras_require={
         # transformers: HF conversion is checked against it; tensorboard: run dirs write events when it is present

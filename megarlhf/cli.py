@@ -91,7 +91,9 @@ def _add_stage(sub, name: str) -> None:
     p.add_argument(
         "--resume",
         default=None,
-        help="'auto' = continue from run_dir/checkpoints/latest if it exists; or a checkpoint path",
+        help="'auto' = continue from run_dir/checkpoints/latest if it exists (or the newest checkpoint that "
+        "verifies against its checksums, if latest does not); 'strict' = latest, which must verify; "
+        "or a checkpoint path (must verify). A bad checkpoint exits with code 3 naming the file",
     )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.learning_rate=3e-4")
 
@@ -123,6 +125,39 @@ def _add_plan(sub) -> None:
     add_arguments(p)
 
 
+def _add_checkpoint(sub) -> None:
+    p = sub.add_parser(
+        "checkpoint",
+        help="check checkpoints against the checksums recorded when they were saved",
+        description=(
+            "megarlhf checkpoint verify PATH: PATH is one iter_NNNNNNN folder, or a run directory / its "
+            "checkpoints/ folder (every checkpoint in it). One line per checkpoint; each bad file is named. "
+            "No world, no torch.distributed. Exit codes: 0 all verify, 3 any does not."
+        ),
+    )
+    p.add_argument("action", choices=["verify"], help="what to do (verify)")
+    p.add_argument("path", help="an iter_NNNNNNN folder, a checkpoints/ folder or a run directory")
+
+
+def _run_checkpoint(args) -> int:
+    from pathlib import Path
+
+    from megarlhf.checkpoint.verify import verify_checkpoint
+
+    path = Path(args.path)
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    ckpts = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("iter_") and not p.name.endswith(".tmp")) if root.is_dir() and not path.name.startswith("iter_") else [path]
+    if not ckpts or not all(c.is_dir() for c in ckpts):
+        print(f"megarlhf checkpoint: error: no checkpoint at {path}", file=sys.stderr)
+        return 3
+    bad = 0
+    for ckpt in ckpts:
+        problems, count = verify_checkpoint(ckpt)
+        bad += bool(problems)
+        print(f"{ckpt}: " + ("FAILED\n  " + "\n  ".join(problems) if problems else f"ok ({count} files)"))
+    return 3 if bad else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="megarlhf",
@@ -137,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_launch(sub)
     _add_selfcheck(sub)
     _add_plan(sub)
+    _add_checkpoint(sub)
     return parser
 
 
@@ -167,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_plan(args)
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command == "checkpoint":  # pure Python: no world, no torch import
+        return _run_checkpoint(args)
     from megarlhf.checkpoint.dist_ckpt import CheckpointError
     from megarlhf.config import ConfigError, DataError
     from megarlhf.config.errors import TrainingDiverged

@@ -96,3 +96,39 @@ def test_reward_function_faults(task_data, weak_sft, tmp_path):
         assert row["objective/unscored_fraction"] == 6 / 16, row
         assert row["objective/trained_fraction"] == 10 / 16, row
         assert row["actor/steps"] == 1 and row["actor/update_applied"] == 1.0, row
+
+
+def test_corrupted_checkpoints_are_caught_and_auto_falls_back(task_data, tmp_path):
+    """Checkpoints at steps 2, 4 and 6 of a 6-step run. A truncated shard and a flipped
+    bit in the latest (iter 6) are each named with exit code 3 (`--resume strict`, and
+    `--resume` naming it); `--resume auto` falls back to iter 4, redoes steps 5 and 6 and
+    ends with the weights of the uninterrupted run (resume is bit-exact, so they are those
+    of resuming from iter 4 by name too)."""
+    from tests.e2e.test_sft_rm import checkpoint_tensors
+
+    run = tmp_path / "run"
+    args = sft_args(task_data, run, "train.max_steps=6", "train.save_steps=2", "train.save_total_limit=3")
+    assert megarlhf(*args).returncode == 0
+    ckpts = run / "checkpoints"
+    assert megarlhf("checkpoint", "verify", str(run)).returncode == 0
+    straight = checkpoint_tensors(ckpts / "iter_0000006" / "actor")
+
+    shard = ckpts / "iter_0000006" / "actor" / "__0_0.distcp"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    out = megarlhf(*args, "--resume", "strict")
+    assert out.returncode == 3 and f"{shard}: {len(data) // 2} bytes, {len(data)} when saved" in out.stderr, out.stderr[-3000:]
+    shard.write_bytes(data[:100] + bytes([data[100] ^ 0x01]) + data[101:])  # one flipped bit
+    out = megarlhf(*args, "--resume", str(ckpts / "iter_0000006"))
+    assert out.returncode == 3 and f"{shard}: contents changed since it was saved" in out.stderr, out.stderr[-3000:]
+    verify = megarlhf("checkpoint", "verify", str(run))
+    assert verify.returncode == 3 and "iter_0000004: ok" in verify.stdout and f"{shard}: contents changed" in verify.stdout
+
+    out = megarlhf(*args, "--resume", "auto")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "iter_0000006 failed verification" in out.stderr and f"falling back to {ckpts / 'iter_0000004'}" in out.stderr
+    assert f"resumed from {ckpts / 'iter_0000004'} at step 4" in out.stdout
+    again = checkpoint_tensors(ckpts / "iter_0000006" / "actor")
+    assert again.keys() == straight.keys() and len(again) > 5
+    for k in again:
+        assert torch.equal(again[k], straight[k]), k
