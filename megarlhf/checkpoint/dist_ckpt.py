@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 import yaml
 from megatron.core import dist_checkpointing
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException: DCP's gathered write errors
 
 from megarlhf.config import ConfigError, ModelConfig, dump_yaml
 from megarlhf.checkpoint.verify import check_files, describe_files, list_files, read_manifest, write_manifest
@@ -207,7 +208,7 @@ def save_checkpoint(
             schedulers = {role: e.scheduler.state_dict() for role, e in engines.items()}
             torch.save({**trainer_state, "step": step, "schedulers": schedulers}, tmp / "trainer_state.pt")
         failure = None
-    except Exception as err:  # ENOSPC, permissions, I/O errors, wrapped in assorted types
+    except (Exception, CheckpointException) as err:  # ENOSPC, permissions, I/O errors, in assorted wrappers
         failure = err
     _agree_on_save(failure, root, tmp)
     _publish(root, tmp, final, keep)

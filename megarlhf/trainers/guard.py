@@ -57,3 +57,38 @@ class NonFiniteGuard:
             f"norm (train.max_skipped_steps = {self.max_skipped_steps}), the first at step {self.first_bad[role]}; "
             f"nothing non-finite was applied or saved; {last}"
         )
+
+
+def checkpoint_bytes(engines: dict[str, Any]) -> float:
+    """Expected size of one checkpoint of `engines`: weights + Adam states of each trained
+    model, unsharded (the planner's model_states at TP = PP = DP = 1, without the grads,
+    which are not saved)."""
+    from megarlhf.plan.memory import model_states
+
+    total = 0.0
+    for engine in engines.values():
+        model = engine.module
+        states = model_states(model.megarlhf_config, 1, 1, 1, head=model.megarlhf_head, trainable=True)
+        total += states.weights + states.optimizer
+    return total
+
+
+def warn_if_disk_short(run_dir: str, engines: dict[str, Any], run: RunDir) -> None:
+    """At start: one checkpoint's expected size vs the free space of run_dir's filesystem;
+    a warning naming both when one more checkpoint would not fit (older ones are only
+    removed after the new one is complete, so their space does not count)."""
+    import shutil
+    from pathlib import Path
+
+    from megarlhf.checkpoint.dist_ckpt import human_bytes
+
+    need = checkpoint_bytes(engines)
+    path = Path(run_dir)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    free = shutil.disk_usage(path).free
+    if need > free:
+        run.say(
+            f"warning: one checkpoint needs about {human_bytes(need)} but the filesystem of {run_dir} has "
+            f"{human_bytes(free)} free: the first save will fail (train.on_save_error decides what happens then)"
+        )

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from megarlhf.checkpoint.dist_ckpt import (
+    CheckpointError,
     checkpoint_model_config,
     load_checkpoint,
     load_model_weights,
@@ -49,7 +50,7 @@ from megarlhf.rollout import GenerationEngine, SamplingParams
 from megarlhf.rollout.rewards import RewardError, agree_on_failure, checked_scores, load_reward_fn
 from megarlhf.trainers.ppo_batches import cut_microbatches, rollout_batch
 from megarlhf.trainers.rm import sequence_scores
-from megarlhf.trainers.guard import NonFiniteGuard
+from megarlhf.trainers.guard import NonFiniteGuard, warn_if_disk_short
 from megarlhf.trainers.preempt import StopRequest
 from megarlhf.trainers.run import RunDir
 
@@ -499,15 +500,22 @@ class RolloutTrainer:
 
     def save(self) -> None:
         self._onload_trainables()  # checkpoints are written from the device
-        path = save_checkpoint(
-            self.cfg.train.run_dir,
-            self.step,
-            self.trainables(),
-            {"stage": self.stage, "sampler": self.sampler.state_dict(), **self.state_dict()},
-            keep=self.cfg.train.save_total_limit,
-        )
+        try:
+            path = save_checkpoint(
+                self.cfg.train.run_dir,
+                self.step,
+                self.trainables(),
+                {"stage": self.stage, "sampler": self.sampler.state_dict(), **self.state_dict()},
+                keep=self.cfg.train.save_total_limit,
+            )
+        except CheckpointError as err:
+            if self.cfg.train.on_save_error != "continue":
+                raise
+            self.run.say(f"iteration {self.step}: checkpoint not saved, training continues (train.on_save_error=continue): {err}")
+            path = None
         self._offload_trainables()
-        self.run.say(f"saved checkpoint {path}")
+        if path is not None:
+            self.run.say(f"saved checkpoint {path}")
 
     def describe(self) -> str:
         """The first log line: sizes and layouts."""
@@ -527,6 +535,7 @@ class RolloutTrainer:
         if (done := run.finished_summary(self.step, cfg.max_steps)) is not None:
             run.close()
             return done
+        warn_if_disk_short(cfg.run_dir, self.trainables(), run)
         eval_before: dict[str, float] = {}
         if self.step == 0:
             eval_before = self.evaluate()

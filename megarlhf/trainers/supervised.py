@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from megarlhf.checkpoint.dist_ckpt import (
+    CheckpointError,
     load_checkpoint,
     load_model_weights,
     resolve_checkpoint,
@@ -31,7 +32,7 @@ from megarlhf.engine.engine import TrainEngine
 from megarlhf.models.backbone import build_model
 from megarlhf.parallel import Layout, build_parallel_context, init_distributed, seed_all
 from megarlhf.parallel.layout import RoleGroups
-from megarlhf.trainers.guard import NonFiniteGuard
+from megarlhf.trainers.guard import NonFiniteGuard, warn_if_disk_short
 from megarlhf.trainers.preempt import StopRequest
 from megarlhf.trainers.run import RunDir
 
@@ -136,6 +137,7 @@ class SupervisedTrainer:
             f"{cfg.micro_batch_size} x {self.num_microbatches} microbatches x {self.dp} dp"
             + (f"; torch.compile: {', '.join(compiled)}" if (compiled := self.compiled_roles()) else "")
         )
+        warn_if_disk_short(cfg.run_dir, {self.role: self.engine}, run)
         bar = run.progress(cfg.max_steps, self.step, desc=self.stage)
         metrics: dict[str, float] = {}
         last_eval: dict[str, float] = {}
@@ -240,13 +242,19 @@ class SupervisedTrainer:
         return self.metrics(sums, prefix="eval_")
 
     def save(self) -> None:
-        path = save_checkpoint(
-            self.cfg.train.run_dir,
-            self.step,
-            {self.role: self.engine},
-            {"sampler": self.sampler.state_dict(), "stage": self.stage},
-            keep=self.cfg.train.save_total_limit,
-        )
+        try:
+            path = save_checkpoint(
+                self.cfg.train.run_dir,
+                self.step,
+                {self.role: self.engine},
+                {"sampler": self.sampler.state_dict(), "stage": self.stage},
+                keep=self.cfg.train.save_total_limit,
+            )
+        except CheckpointError as err:
+            if self.cfg.train.on_save_error != "continue":
+                raise
+            self.run.say(f"step {self.step}: checkpoint not saved, training continues (train.on_save_error=continue): {err}")
+            return
         self.run.say(f"saved checkpoint {path}")
 
 
