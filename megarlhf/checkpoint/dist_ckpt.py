@@ -344,6 +344,11 @@ def _verify(ckpt: Path) -> list[str]:
     return [p for part in gathered for p in part]
 
 
+def _has_optimizer_state(where: Path) -> bool:
+    """Whether a role's dist checkpoint holds Adam moments (read from its metadata only)."""
+    return any("exp_avg" in key for key in dist_checkpointing.load_tensors_metadata(str(where)))
+
+
 def _optim_metadata(engine) -> dict[str, Any]:
     # 'dp_reshardable' lets a distributed-optimizer checkpoint load at another DP size.
     return {"distrib_optim_sharding_type": "dp_reshardable", "dp_cp_group": engine.groups.dp}
@@ -424,15 +429,18 @@ def load_checkpoint(path: str | Path, engines: dict[str, Any]) -> dict[str, Any]
     try:
         for role, engine in engines.items():
             model_sd = _model_state(engine.module, engine.groups)
-            sharded = {
-                "model": model_sd,
-                "optimizer": engine.optimizer.sharded_state_dict(
+            sharded = {"model": model_sd}
+            # Saved before the first applied optimizer step (e.g. every step so far skipped
+            # as non-finite): Adam has no moments yet, and a fresh optimizer is that state.
+            has_optimizer = _has_optimizer_state(ckpt / role)
+            if has_optimizer:
+                sharded["optimizer"] = engine.optimizer.sharded_state_dict(
                     model_sd, is_loading=True, metadata=_optim_metadata(engine)
-                ),
-            }
+                )
             state = dist_checkpointing.load(sharded, str(ckpt / role))
             engine.module.load_state_dict(state["model"], strict=True)
-            engine.optimizer.load_state_dict(state["optimizer"])
+            if has_optimizer:
+                engine.optimizer.load_state_dict(state["optimizer"])
         trainer_state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
     except Exception as err:
         raise CheckpointError(f"cannot load checkpoint {ckpt}: {err}") from err

@@ -90,3 +90,27 @@ def test_nonfinite_step_is_skipped_on_every_rank_dp2(world2):
 
 def test_nonfinite_step_is_skipped_on_every_rank_pp2(world2):
     _check(world2.run(skip_case, 1, 2))
+
+
+def prestep_resume_case(run_dir):
+    """A checkpoint saved before any applied step (no Adam moments yet) resumes; the next
+    step equals the uninterrupted engine's."""
+    from megarlhf.checkpoint.dist_ckpt import load_checkpoint, save_checkpoint
+
+    cfg = tiny_config("llama")
+    g = groups(1, 1)
+    reseed(99, groups(1, 1))
+    full = {k: v.detach().clone() for k, v in build_model(cfg, groups(1, 1), "lm").named_parameters()}
+    straight, resumed = _engine(g, cfg, full), _engine(g, cfg, full)
+    path = save_checkpoint(run_dir, 0, {"actor": straight}, {}, keep=1)
+    resumed.module.embedding.word_embeddings.weight.data.zero_()  # so that the load must restore it
+    load_checkpoint(path, {"actor": resumed})
+    data = batch(b=8, seed=3)
+    _step(straight, g, cfg, data)
+    _step(resumed, g, cfg, data)
+    a, b = weights.gather_full_state(straight.module, g), weights.gather_full_state(resumed.module, g)
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def test_resume_before_the_first_optimizer_step(world2, tmp_path):
+    assert world2.run(prestep_resume_case, str(tmp_path / "run")) == [0.0, 0.0]
