@@ -238,6 +238,17 @@ def main(argv: list[str] | None = None) -> int:
     except RewardError as err:  # the user's reward function: its message, not ours
         print(f"megarlhf {args.command}: error: {err}", file=sys.stderr)
         return 1
+    except RuntimeError as err:
+        from megarlhf.parallel.distributed import lost_peers
+
+        if (who := lost_peers(err)) is None:
+            raise
+        print(
+            f"megarlhf {args.command}: error: {who} during a collective ({str(err).splitlines()[0][:300]}); "
+            f"this rank stops too. Continue from the last checkpoint with --resume auto",
+            file=sys.stderr,
+        )
+        return 1
     raise AssertionError(f"unhandled command {args.command}")
 
 

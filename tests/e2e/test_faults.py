@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -185,3 +186,51 @@ def test_full_disk_fails_the_save_cleanly(task_data, small_fs):
     assert log.count("checkpoint not saved, training continues") == 2, log[-3000:]
     assert json.loads((run / "summary.json").read_text())["steps"] == 4
     assert [p.name for p in (run / "checkpoints").iterdir()] == []
+
+
+LOST_RANK_BOUND_S = 60
+"""A killed rank ends a torchrun job within: torchrun's agent polls its workers every
+0.1 s and gives the others 30 s after SIGTERM before SIGKILL; a survivor's blocked gloo
+collective fails at once on the closed socket (measured: 5-15 s end to end on this
+2-core machine). Margin for a loaded machine."""
+
+
+def test_a_killed_rank_ends_the_job_and_it_resumes_bit_exactly(task_data, tmp_path):
+    """DP2 under torchrun: rank 1 gets SIGKILL after the step-20 checkpoint. The job ends
+    within LOST_RANK_BOUND_S with rank 0 naming rank 1; `--resume auto` then finishes the
+    run with the weights of an uninterrupted one."""
+    import time
+
+    import psutil
+
+    from tests.e2e.conftest import REPO
+    from tests.e2e.test_sft_rm import checkpoint_tensors
+
+    def args(run):
+        return sft_args(task_data, run, "train.max_steps=60", "train.save_steps=20", "train.micro_batch_size=4")[1:]
+
+    straight = tmp_path / "straight"
+    assert megarlhf("sft", *args(straight), nproc=2).returncode == 0
+
+    run = tmp_path / "killed"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "megarlhf", "sft", *args(run)]
+    job = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = run / "logs" / "train.log"
+    while not (log.is_file() and "iter_0000020" in log.read_text()):
+        assert job.poll() is None, job.communicate()[1][-3000:]
+        time.sleep(0.05)
+    victim = next(p for p in psutil.Process(job.pid).children() if p.environ().get("RANK") == "1")
+    victim.kill()
+    _, err = job.communicate(timeout=LOST_RANK_BOUND_S)  # a hang fails here
+    assert job.returncode != 0
+    assert f"rank 0 lost rank 1 (pid {victim.pid}): the process is gone" in err, err[-3000:]
+    assert "latest" in {p.name for p in (run / "checkpoints").iterdir()}
+
+    out = megarlhf("sft", *args(run), "--resume", "auto", nproc=2)
+    assert out.returncode == 0 and "resumed from" in out.stdout, out.stderr[-3000:]
+    a = checkpoint_tensors(straight / "checkpoints" / "iter_0000060" / "actor")
+    b = checkpoint_tensors(run / "checkpoints" / "iter_0000060" / "actor")
+    assert a.keys() == b.keys() and len(a) > 5
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
