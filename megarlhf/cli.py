@@ -145,8 +145,12 @@ def _run_checkpoint(args) -> int:
     from megarlhf.checkpoint.verify import verify_checkpoint
 
     path = Path(args.path)
-    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    ckpts = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("iter_") and not p.name.endswith(".tmp")) if root.is_dir() and not path.name.startswith("iter_") else [path]
+    if path.name.startswith("iter_"):
+        ckpts = [path]
+    else:
+        root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+        found = root.iterdir() if root.is_dir() else []
+        ckpts = sorted(p for p in found if p.is_dir() and p.name.startswith("iter_") and not p.name.endswith(".tmp"))
     if not ckpts or not all(c.is_dir() for c in ckpts):
         print(f"megarlhf checkpoint: error: no checkpoint at {path}", file=sys.stderr)
         return 3

@@ -14,10 +14,9 @@ grad scaler and so no found_inf check: it would clip by a NaN norm (a no-op) and
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
-
-import math
 
 import torch
 import torch.distributed as dist
@@ -100,8 +99,6 @@ class TrainEngine:
             wd_incr_steps=decay_steps,
             wd_incr_style="constant",
         )
-        self.steps_called = 0
-        """train_step calls so far in this process."""
         self.consecutive_skips = 0
         """Steps skipped in a row (non-finite loss or gradient norm); 0 after an applied one."""
         self.skips: list[str] = []
@@ -124,7 +121,6 @@ class TrainEngine:
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         per_mb = run_microbatches(self.model, self.groups, microbatches, loss_fn, forward=self.compiled_model)
-        self.steps_called += 1
         stats = reduce_stats(per_mb, self.groups)  # every rank: the same sums, so the same decision
         loss = stats.pop(LOSS_KEY, 0.0)
         grad_norm = self._grad_norm()
