@@ -125,7 +125,7 @@ class TrainEngine:
         loss = stats.pop(LOSS_KEY, 0.0)
         grad_norm = self._grad_norm()
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            return self._skip(stats, per_mb, loss, grad_norm)
+            return self._skip(stats, microbatches, per_mb, loss, grad_norm)
         # Advance the schedule first: update k (1-based) uses lr(k), so warm-up's first
         # update is lr/warmup_steps rather than a wasted step at lr = 0.
         self.scheduler.step(increment=1)
@@ -152,11 +152,13 @@ class TrainEngine:
         self.optimizer.prepare_grads()
         return float(self.optimizer.get_grad_norm())
 
-    def _skip(self, stats: dict[str, float], per_mb: list[dict[str, Any]], loss: float, grad_norm: float) -> dict[str, float]:
+    def _skip(self, stats, microbatches: Sequence[Batch], per_mb: list[dict[str, Any]], loss: float, grad_norm: float):
         self.consecutive_skips += 1
         if per_mb:
             bad = [i for i, mb in enumerate(per_mb) if not torch.isfinite(mb[LOSS_KEY]).item()]
             where = f"non-finite loss in microbatch(es) {bad} of {len(per_mb)} on this rank" if bad else "losses finite on this rank"
+            samples = [j for i in bad if "sample_index" in microbatches[i] for j in microbatches[i]["sample_index"].tolist()]
+            where += f", samples {samples}" if samples else ""
         else:  # not the last pipeline stage: per-microbatch losses live there
             where = "per-microbatch losses on the last pipeline stage"
         self.skips.append(f"loss {loss:.4g}, grad norm {grad_norm:.4g} ({where})")

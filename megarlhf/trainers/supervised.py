@@ -186,20 +186,28 @@ class SupervisedTrainer:
         return s.epoch + s.consumed_in_epoch / (s.batches_per_epoch * s.global_batch_size)
 
     def next_microbatches(self) -> list[dict[str, torch.Tensor]]:
-        """This DP rank's slice of the next global batch, split into microbatches."""
-        items = [self.train_data[i] for i in self.sampler.next_batch()]
+        """This DP rank's slice of the next global batch, split into microbatches (each
+        with "sample_index": the dataset indices of its samples, named when a step is
+        skipped as non-finite)."""
+        picked = [(i, self.train_data[i]) for i in self.sampler.next_batch()]
         mbs = self.cfg.train.micro_batch_size
+
+        def cut(chunk, length):
+            mb = self.collate([item for _, item in chunk], length)
+            mb["sample_index"] = torch.tensor([i for i, _ in chunk])
+            return mb
+
         if self.groups.layout.pp > 1:
             # Pipeline stages exchange fixed-size activations: one length for the step
             # (every stage sees the same data, so they agree on it).
-            length = self.step_length(items)
-            return [self.collate(items[k : k + mbs], length) for k in range(0, len(items), mbs)]
+            length = self.step_length([item for _, item in picked])
+            return [cut(picked[k : k + mbs], length) for k in range(0, len(picked), mbs)]
         # Otherwise each microbatch is cut to its own longest sample, samples grouped by
         # length (longest first). Losses are sums over the global count (engine/schedule.py),
         # so the grouping does not change the gradient, only the padding computed.
-        items.sort(key=self.sample_length, reverse=True)
-        chunks = [items[k : k + mbs] for k in range(0, len(items), mbs)]
-        return [self.collate(chunk, self.step_length(chunk)) for chunk in chunks]
+        picked.sort(key=lambda p: self.sample_length(p[1]), reverse=True)
+        chunks = [picked[k : k + mbs] for k in range(0, len(picked), mbs)]
+        return [cut(chunk, self.step_length([item for _, item in chunk])) for chunk in chunks]
 
     def global_counts(self, microbatches) -> tuple[torch.Tensor, float, float]:
         """(loss denominator, non-pad tokens, computed positions incl. padding) summed

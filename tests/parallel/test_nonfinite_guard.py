@@ -42,6 +42,8 @@ def _step(engine, g, cfg, data, poison_rank=None):
     n = data["mask"][:, 1:].sum()
     local = {k: v.chunk(g.layout.dp)[g.dp_rank] for k, v in data.items()}
     mbs = [{k: v[i : i + 2] for k, v in local.items()} for i in range(0, len(local["tokens"]), 2)]
+    for i, mb in enumerate(mbs):  # dataset indices, as the supervised trainers attach them
+        mb["sample_index"] = torch.arange(2 * i, 2 * i + 2) + 100 * g.dp_rank
     poison = poison_rank is not None and torch.distributed.get_rank() == poison_rank
     return engine.train_step(mbs, lambda out, mb: _nll(out, mb, n, g.tp, cfg.vocab_size, poison=poison))
 
@@ -74,6 +76,9 @@ def skip_case(tp, pp):
 
 
 def _check(results):
+    # The rank whose losses were NaN names its microbatches and their samples.
+    assert "non-finite loss in microbatch(es) [0, 1" in results[-1]["skip_lines"][0], results[-1]  # all of them
+    assert "samples [" in results[-1]["skip_lines"][0], results[-1]
     for res in results:
         assert res["skipped_applied"] == 0.0 and math.isnan(res["skipped_grad_norm"]), res
         assert len(res["skip_lines"]) == 1 and "grad norm nan" in res["skip_lines"][0], res
