@@ -50,7 +50,9 @@ def test_divergence_stops_with_exit_4_and_keeps_the_newest_finite_checkpoint(tas
     skipped = [line for line in log.splitlines() if "optimizer step skipped" in line]
     first_bad = int(skipped[0].split(":")[0].split()[1])
     assert len(skipped) == 3 and "grad norm nan" in skipped[0], log[-2000:]
-    assert "non-finite loss in microbatch(es) [0] of 1 on this rank, samples [" in skipped[0], skipped[0]
+    # Here the loss stays finite (3.47) and the attention's backward overflows: the
+    # gradient norm is what is NaN (sample lists are checked in tests/parallel/test_nonfinite_guard.py).
+    assert "(losses finite on this rank)" in skipped[0], skipped[0]
     newest = run / "checkpoints" / f"iter_{first_bad + 1 - (first_bad + 1) % 2:07d}"
     assert f"the first at step {first_bad}" in out.stderr and str(newest) in out.stderr, out.stderr[-2000:]
     assert (run / "checkpoints" / "latest").read_text().strip() == newest.name
