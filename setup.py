@@ -30,6 +30,7 @@ setup(
         # (what apply_chat_template calls), with its Jinja environment
         "transformers>=4.50",
         "jinja2>=3.1",
+        "xxhash",  # checkpoint checksums (checkpoint/verify.py)
     ],
     extras_require={
         # tensorboard: run dirs write events when it is present; datasets, math-verify: their paths are tested

@@ -2,7 +2,9 @@
 
 Every command runs SPMD: the same command on every rank (`torchrun -m megarlhf ...` or
 `srun megarlhf ...`). Exit codes: 0 done; 2 bad config or data (the message names the
-field or file:line); other non-zero for crashes.
+field or file:line); 3 a checkpoint that cannot be loaded, verified or saved; 4 training
+diverged (non-finite loss or gradients past train.max_skipped_steps); other non-zero for
+crashes.
 """
 
 from __future__ import annotations
@@ -89,7 +91,9 @@ def _add_stage(sub, name: str) -> None:
     p.add_argument(
         "--resume",
         default=None,
-        help="'auto' = continue from run_dir/checkpoints/latest if it exists; or a checkpoint path",
+        help="'auto' = continue from run_dir/checkpoints/latest if it exists (or the newest checkpoint that "
+        "verifies against its checksums, if latest does not); 'strict' = latest, which must verify; "
+        "or a checkpoint path (must verify). A bad checkpoint exits with code 3 naming the file",
     )
     if name in ("ppo", "grpo"):
         p.add_argument(
@@ -156,6 +160,43 @@ def _add_plan(sub) -> None:
     add_arguments(p)
 
 
+def _add_checkpoint(sub) -> None:
+    p = sub.add_parser(
+        "checkpoint",
+        help="check checkpoints against the checksums recorded when they were saved",
+        description=(
+            "megarlhf checkpoint verify PATH: PATH is one iter_NNNNNNN folder, or a run directory / its "
+            "checkpoints/ folder (every checkpoint in it). One line per checkpoint; each bad file is named. "
+            "No world, no torch.distributed. Exit codes: 0 all verify, 3 any does not."
+        ),
+    )
+    p.add_argument("action", choices=["verify"], help="what to do (verify)")
+    p.add_argument("path", help="an iter_NNNNNNN folder, a checkpoints/ folder or a run directory")
+
+
+def _run_checkpoint(args) -> int:
+    from pathlib import Path
+
+    from megarlhf.checkpoint.verify import verify_checkpoint
+
+    path = Path(args.path)
+    if path.name.startswith("iter_"):
+        ckpts = [path]
+    else:
+        root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+        found = root.iterdir() if root.is_dir() else []
+        ckpts = sorted(p for p in found if p.is_dir() and p.name.startswith("iter_") and not p.name.endswith(".tmp"))
+    if not ckpts or not all(c.is_dir() for c in ckpts):
+        print(f"megarlhf checkpoint: error: no checkpoint at {path}", file=sys.stderr)
+        return 3
+    bad = 0
+    for ckpt in ckpts:
+        problems, count = verify_checkpoint(ckpt)
+        bad += bool(problems)
+        print(f"{ckpt}: " + ("FAILED\n  " + "\n  ".join(problems) if problems else f"ok ({count} files)"))
+    return 3 if bad else 0
+
+
 QUIET_HELP = (
     "no progress bars or per-step lines on the terminal (run_dir/logs/train.log keeps them); "
     "warnings, errors and results still print. Also MEGARLHF_QUIET=1"
@@ -178,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_launch(sub)
     _add_selfcheck(sub)
     _add_plan(sub)
+    _add_checkpoint(sub)
     for command in sub.choices.values():  # `megarlhf --quiet sft ...` and `megarlhf sft --quiet ...`
         command.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS, help=QUIET_HELP)
     return parser
@@ -215,9 +257,13 @@ def main(argv: list[str] | None = None) -> int:
         return run_plan(args)
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command == "checkpoint":  # pure Python: no world, no torch import
+        return _run_checkpoint(args)
     from megarlhf.checkpoint.dist_ckpt import CheckpointError
     from megarlhf.config import ConfigError, DataError
+    from megarlhf.config.errors import TrainingDiverged
     from megarlhf.parallel import LayoutError
+    from megarlhf.rollout.rewards import RewardError
 
     try:
         if args.command in STAGES:
@@ -247,6 +293,23 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as err:
         print(f"megarlhf {args.command}: checkpoint error: {err}", file=sys.stderr)
         return 3
+    except TrainingDiverged as err:
+        print(f"megarlhf {args.command}: {err}", file=sys.stderr)
+        return 4
+    except RewardError as err:  # the user's reward function: its message, not ours
+        print(f"megarlhf {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    except RuntimeError as err:
+        from megarlhf.parallel.distributed import lost_peers
+
+        if (who := lost_peers(err)) is None:
+            raise
+        print(
+            f"megarlhf {args.command}: error: {who} during a collective ({str(err).splitlines()[0][:300]}); "
+            f"this rank stops too. Continue from the last checkpoint with --resume auto",
+            file=sys.stderr,
+        )
+        return 1
     raise AssertionError(f"unhandled command {args.command}")
 
 

@@ -19,6 +19,7 @@ import os
 import random
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +28,11 @@ import torch
 import torch.distributed as dist
 import yaml
 from megatron.core import dist_checkpointing
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException: DCP's gathered write errors
 
 from megarlhf.config import ConfigError, ModelConfig, dump_yaml
+from megarlhf.checkpoint.verify import check_files, describe_files, list_files, read_manifest, write_manifest
+from megarlhf.config.errors import TrainingDiverged
 from megarlhf.config.loader import build
 from megarlhf.parallel import compat
 from megarlhf.parallel.layout import RoleGroups
@@ -85,16 +89,60 @@ def checkpoint_model_config(path: str | Path) -> ModelConfig:
 
 
 def resume_checkpoint(resume: str | None, run_dir: str | Path) -> Path | None:
-    """`--resume`: None -> None; 'auto' -> run_dir's latest checkpoint, or None when there
-    is none yet (a fresh run); anything else -> that checkpoint (CheckpointError if absent)."""
+    """Collective. `--resume`: None -> None; 'auto' -> run_dir's latest checkpoint, or None
+    when there is none yet (a fresh run), or, when the latest fails verification against
+    its checksums, the newest older one that passes (said on stderr); 'strict' -> the
+    latest, which must verify; anything else -> that checkpoint, which must verify.
+    CheckpointError (exit code 3) names each bad file."""
     if resume is None:
         return None
-    if resume == "auto":
-        try:
-            return resolve_checkpoint(run_dir)
-        except CheckpointError:
-            return None
-    return resolve_checkpoint(resume)
+    if resume not in ("auto", "strict"):
+        ckpt = resolve_checkpoint(resume)
+        _raise_if_bad(ckpt, _verify(ckpt))
+        return ckpt
+    try:
+        latest = resolve_checkpoint(run_dir)
+    except CheckpointError:
+        latest = None
+        if resume == "strict" and (Path(run_dir) / "checkpoints" / "latest").is_file():
+            raise
+    if latest is None and not _candidates(run_dir):
+        return None
+    if latest is not None and not (problems := _verify(latest)):
+        return latest
+    if resume == "strict":
+        _raise_if_bad(latest, problems)
+    failed = {latest: problems} if latest is not None else {}
+    for ckpt in _candidates(run_dir):
+        if ckpt == latest:
+            continue
+        if not (problems := _verify(ckpt)):
+            if dist.get_rank() == 0:
+                bad = "; ".join(f"{c.name} failed verification ({p[0]})" for c, p in failed.items())
+                print(f"megarlhf: {bad or 'latest points to no checkpoint'}; falling back to {ckpt}, the newest checkpoint that verifies", file=sys.stderr, flush=True)
+            return ckpt
+        failed[ckpt] = problems
+    raise CheckpointError(
+        f"no checkpoint under {Path(run_dir) / 'checkpoints'} verifies: "
+        + "; ".join(f"{c.name}: {', '.join(p)}" for c, p in failed.items())
+    )
+
+
+def _candidates(run_dir: str | Path) -> list[Path]:
+    """Published iter_ folders under run_dir/checkpoints, newest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if p.is_dir() and _ITER.match(p.name)), reverse=True)
+
+
+def _raise_if_bad(ckpt: Path, problems: list[str]) -> None:
+    if problems:
+        raise CheckpointError(
+            f"checkpoint {ckpt} failed verification: {'; '.join(problems)}. Resume from an older "
+            f"checkpoint (`--resume auto` picks the newest that verifies; `megarlhf checkpoint verify "
+            f"{ckpt.parent}` checks them all)"
+        )
 
 
 def latest_step(run_dir: str | Path) -> int | None:
@@ -148,22 +196,43 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     keep: int,
 ) -> Path:
-    """Collective: save `engines` ({role: TrainEngine}) and `trainer_state` at `step`."""
+    """Collective: save `engines` ({role: TrainEngine}) and `trainer_state` at `step`.
+
+    Refuses (TrainingDiverged, before anything is written) when any weight is NaN/inf."""
+    _check_finite(run_dir, step, engines)
     root, tmp, final = _start_save(run_dir, step, ["rng", *engines])
     rank = dist.get_rank()
-    for role, engine in engines.items():
-        model_sd = _model_state(engine.module, engine.groups)
-        state = {
-            "model": model_sd,
-            "optimizer": engine.optimizer.sharded_state_dict(model_sd, metadata=_optim_metadata(engine)),
-        }
-        dist_checkpointing.save(state, str(tmp / role))
-    torch.save(_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
-    if rank == 0:
-        schedulers = {role: e.scheduler.state_dict() for role, e in engines.items()}
-        torch.save({**trainer_state, "step": step, "schedulers": schedulers}, tmp / "trainer_state.pt")
+    try:
+        for role, engine in engines.items():
+            model_sd = _model_state(engine.module, engine.groups)
+            state = {
+                "model": model_sd,
+                "optimizer": engine.optimizer.sharded_state_dict(model_sd, metadata=_optim_metadata(engine)),
+            }
+            dist_checkpointing.save(state, str(tmp / role))  # collective: a write error is raised on every rank
+        torch.save(_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
+        if rank == 0:
+            schedulers = {role: e.scheduler.state_dict() for role, e in engines.items()}
+            torch.save({**trainer_state, "step": step, "schedulers": schedulers}, tmp / "trainer_state.pt")
+        failure = None
+    except (Exception, CheckpointException) as err:  # ENOSPC, permissions, I/O errors, in assorted wrappers
+        failure = err
+    _agree_on_save(failure, root, tmp)
     _publish(root, tmp, final, keep)
     return final
+
+
+def _check_finite(run_dir: str | Path, step: int, engines: dict[str, Any]) -> None:
+    """Collective over the world: raise TrainingDiverged on every rank when any rank holds
+    a non-finite weight of any engine (so a NaN checkpoint never replaces a good one)."""
+    bad = [role for role, e in engines.items() if not all(torch.isfinite(p).all() for p in e.module.parameters())]
+    flag = torch.tensor([float(len(bad))], device="cuda" if torch.cuda.is_available() else "cpu")
+    dist.all_reduce(flag)
+    if flag.item():
+        raise TrainingDiverged(
+            f"not saving step {step}: weights of {bad or 'a model on another rank'} are not finite; "
+            f"the newest checkpoint under {Path(run_dir) / 'checkpoints'} is left as it was"
+        )
 
 
 def _start_save(run_dir: str | Path, step: int, subdirs: list[str]) -> tuple[Path, Path, Path]:
@@ -172,19 +241,80 @@ def _start_save(run_dir: str | Path, step: int, subdirs: list[str]) -> tuple[Pat
     root = Path(run_dir) / "checkpoints"
     final = root / iter_name(step)
     tmp = root / (iter_name(step) + ".tmp")
+    failure = None
     if dist.get_rank() == 0:
-        if tmp.exists():
-            shutil.rmtree(tmp)  # left over from a crash during an earlier save
-        for sub in subdirs:
-            (tmp / sub).mkdir(parents=True)
-    dist.barrier()
+        try:
+            if tmp.exists():
+                shutil.rmtree(tmp)  # left over from a crash during an earlier save
+            for sub in subdirs:
+                (tmp / sub).mkdir(parents=True)
+        except OSError as err:
+            failure = err
+    _agree_on_save(failure, root, tmp)
     return root, tmp, final
 
 
-def _publish(root: Path, tmp: Path, final: Path, keep: int | None) -> None:
-    """Collective: once every rank finished writing `tmp`, rank 0 renames it to `final`,
-    then points `latest` at it (each step atomic), then prunes to the newest `keep`."""
+def _agree_on_save(failure: BaseException | None, root: Path, tmp: Path) -> None:
+    """Collective: when any rank failed to write its part of `tmp`, every rank raises
+    CheckpointError (exit code 3) naming the directory and its free space, after rank 0
+    removed `tmp`; `latest` and the published checkpoints are untouched. Otherwise a
+    barrier: every rank finished writing."""
+    flag = torch.tensor([0.0 if failure is None else 1.0], device="cuda" if torch.cuda.is_available() else "cpu")
+    dist.all_reduce(flag)
+    if not flag.item():
+        return
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
     dist.barrier()
+    cause = _root_cause(failure) if failure is not None else "failed on another rank (see its message)"
+    latest = root / "latest"
+    kept = f"{latest} still points to {latest.read_text().strip()}" if latest.is_file() else "no earlier checkpoint"
+    raise CheckpointError(
+        f"cannot write checkpoint {tmp.name.removesuffix('.tmp')} into {root}: {cause}; "
+        f"{_free_space(root)} free there; {tmp.name} removed, {kept}. Free space (or lower "
+        f"train.save_total_limit) and continue with --resume auto, or set train.on_save_error=continue"
+    ) from failure
+
+
+def _root_cause(err: BaseException) -> str:
+    """The OSError inside the wrappers of torch's and Megatron's checkpoint writers."""
+    seen = [err]
+    while (nxt := seen[-1].__cause__ or seen[-1].__context__) is not None and nxt not in seen:
+        seen.append(nxt)
+    for e in seen:
+        if isinstance(e, OSError):
+            return f"{type(e).__name__}: {e}"
+    text = str(err)
+    for line in text.splitlines():  # torch's CheckpointException lists each rank's error as text
+        if "Errno" in line:
+            return line.strip()
+    return f"{type(err).__name__}: {text[:500]}"
+
+
+def _free_space(path: Path) -> str:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return human_bytes(shutil.disk_usage(path).free)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+def _publish(root: Path, tmp: Path, final: Path, keep: int | None) -> None:
+    """Collective: once every rank finished writing `tmp`, the files get their checksums
+    (each rank hashes a share), then rank 0 renames `tmp` to `final`, points `latest` at
+    it (each step atomic) and prunes to the newest `keep`."""
+    failure = None
+    try:
+        _write_checksums(tmp)
+    except OSError as err:
+        failure = err
+    _agree_on_save(failure, root, tmp)
     if dist.get_rank() == 0:
         if final.exists():
             shutil.rmtree(final)
@@ -195,6 +325,35 @@ def _publish(root: Path, tmp: Path, final: Path, keep: int | None) -> None:
         if keep is not None:
             _prune(root, keep)
     dist.barrier()
+
+
+def _write_checksums(ckpt: Path) -> None:
+    """Collective: `checksums.json` of every file in `ckpt`, file i hashed by rank i % world."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    box = [list_files(ckpt) if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    mine = describe_files(ckpt, box[0][rank::world])
+    parts = [None] * world if rank == 0 else None
+    dist.gather_object(mine, parts, dst=0)
+    if rank == 0:
+        write_manifest(ckpt, {k: v for part in parts for k, v in part.items()})
+
+
+def _verify(ckpt: Path) -> list[str]:
+    """Collective: problems of `ckpt` against its checksums, each rank checking a share."""
+    expected = read_manifest(ckpt)
+    if expected is None:
+        return []  # saved before checksums existed: loads unverified, as before
+    rank, world = dist.get_rank(), dist.get_world_size()
+    problems = check_files(ckpt, expected, sorted(expected)[rank::world])
+    gathered = [None] * world
+    dist.all_gather_object(gathered, problems)
+    return [p for part in gathered for p in part]
+
+
+def _has_optimizer_state(where: Path) -> bool:
+    """Whether a role's dist checkpoint holds Adam moments (read from its metadata only)."""
+    return any("exp_avg" in key for key in dist_checkpointing.load_tensors_metadata(str(where)))
 
 
 def _optim_metadata(engine) -> dict[str, Any]:
@@ -280,15 +439,18 @@ def load_checkpoint(path: str | Path, engines: dict[str, Any]) -> dict[str, Any]
     try:
         for role, engine in engines.items():
             model_sd = _model_state(engine.module, engine.groups)
-            sharded = {
-                "model": model_sd,
-                "optimizer": engine.optimizer.sharded_state_dict(
+            sharded = {"model": model_sd}
+            # Saved before the first applied optimizer step (e.g. every step so far skipped
+            # as non-finite): Adam has no moments yet, and a fresh optimizer is that state.
+            has_optimizer = _has_optimizer_state(ckpt / role)
+            if has_optimizer:
+                sharded["optimizer"] = engine.optimizer.sharded_state_dict(
                     model_sd, is_loading=True, metadata=_optim_metadata(engine)
-                ),
-            }
+                )
             state = dist_checkpointing.load(sharded, str(ckpt / role))
             engine.module.load_state_dict(state["model"], strict=True)
-            engine.optimizer.load_state_dict(state["optimizer"])
+            if has_optimizer:
+                engine.optimizer.load_state_dict(state["optimizer"])
         trainer_state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
     except Exception as err:
         raise CheckpointError(f"cannot load checkpoint {ckpt}: {err}") from err

@@ -10,3 +10,10 @@ class ConfigError(ValueError):
 
 class DataError(ValueError):
     """A bad data file. The message names `file:line` and what was wrong (exit code 2)."""
+
+
+class TrainingDiverged(RuntimeError):
+    """Training produced non-finite losses, gradients or weights past the allowed skips.
+
+    The message names the first bad step and the last finite checkpoint (exit code 4).
+    """

@@ -206,6 +206,14 @@ class RunConfig:
     """PPO, GRPO: write every this-many-th iteration's batch (texts, ids, masks, scores,
     rewards, advantages, engine and trainer log-probs, IS weights, policy version) to
     run_dir/rollouts/iter_N.parquet, for `--replay-rollouts` (0 = never)."""
+    max_skipped_steps: int = 3
+    """Optimizer steps with a non-finite loss or gradient norm are skipped (not applied,
+    optimizer state untouched) and logged; this many in a row (per trained model) stop
+    the run with exit code 4, naming the first bad step and the last finite checkpoint."""
+    on_save_error: Literal["stop", "continue"] = "stop"
+    """A checkpoint that cannot be written (disk full, permissions, I/O error): 'stop' =
+    exit code 3 with the directory and its free space named; 'continue' = say so and keep
+    training (the previous checkpoint stays the latest)."""
 
     def __post_init__(self):
         if self.max_steps < 1:
@@ -222,6 +230,8 @@ class RunConfig:
             raise ConfigError(f"train.dump_rollouts = {self.dump_rollouts}: must be >= 0 (0 = never)")
         if self.save_total_limit < 1:
             raise ConfigError("train.save_total_limit must be >= 1")
+        if self.max_skipped_steps < 1:
+            raise ConfigError(f"train.max_skipped_steps = {self.max_skipped_steps}: must be >= 1")
 
     def forward_micro_batch(self, rows: int, pipelined: bool) -> int:
         """Rows per forward-only microbatch when one rank scores `rows` rows

@@ -4,10 +4,17 @@ Layer: engine/. `TrainEngine.train_step(microbatches, loss_fn)` is one optimizer
 zero the grad buffers, forward/backward every microbatch through Megatron's pipeline
 schedule (loss contract: see schedule.py), reduce grads over DP, clip, step, advance the
 LR schedule. `forward(...)` is the same schedule without grads (scoring, evaluation).
+
+Non-finite guard: a step whose loss or gradient norm is NaN/inf is not applied: no
+optimizer step (Adam's moments and step count untouched), no LR-schedule step, and the
+record of it (`skips`) is left for the trainer's `NonFiniteGuard`, which logs it and
+stops the run after too many in a row. In float32 and bf16 Megatron's optimizer has no
+grad scaler and so no found_inf check: it would clip by a NaN norm (a no-op) and step.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,7 +24,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megarlhf.config import OptimConfig
-from megarlhf.engine.schedule import Batch, LossFn, run_microbatches, wrap_ddp
+from megarlhf.engine.schedule import LOSS_KEY, Batch, LossFn, run_microbatches, wrap_ddp
 from megarlhf.models.compile import compile_model
 from megarlhf.parallel.layout import RoleGroups
 
@@ -97,6 +104,10 @@ class TrainEngine:
             wd_incr_steps=decay_steps,
             wd_incr_style="constant",
         )
+        self.consecutive_skips = 0
+        """Steps skipped in a row (non-finite loss or gradient norm); 0 after an applied one."""
+        self.skips: list[str] = []
+        """One line per skipped step not yet reported (the trainer's guard drains it)."""
 
     @property
     def module(self) -> torch.nn.Module:
@@ -107,22 +118,58 @@ class TrainEngine:
         """One optimizer step over `microbatches` (this DP rank's share of a global batch).
 
         Returns the summed stats (see `reduce_stats`) plus grad_norm, lr and whether the
-        update was applied (False only for an fp16 overflow).
+        update was applied (0.0 when the loss or the gradient norm was not finite, or for
+        an fp16 overflow); a step not applied leaves weights, optimizer state and LR
+        schedule as they were and appends a line to `skips`.
         """
         self.model.train()
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         per_mb = run_microbatches(self.model, self.groups, microbatches, loss_fn, forward=self.compiled_model)
+        stats = reduce_stats(per_mb, self.groups)  # every rank: the same sums, so the same decision
+        loss = stats.pop(LOSS_KEY, 0.0)
+        grad_norm = self._grad_norm()
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            return self._skip(stats, microbatches, per_mb, loss, grad_norm)
         # Advance the schedule first: update k (1-based) uses lr(k), so warm-up's first
         # update is lr/warmup_steps rather than a wasted step at lr = 0.
         self.scheduler.step(increment=1)
         lr = self.optimizer.param_groups[0]["lr"]
         self._fused_cpu_adam()
-        applied, grad_norm, _ = self.optimizer.step()
-        stats = reduce_stats(per_mb, self.groups)
-        stats["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        applied, norm, _ = self.optimizer.step()
+        self.consecutive_skips = 0
+        stats["grad_norm"] = float(norm) if norm is not None else grad_norm
         stats["learning_rate"] = lr
         stats["update_applied"] = float(bool(applied))
+        return stats
+
+    def _grad_norm(self) -> float:
+        """Collective over the optimizer's grad-stats group: the global gradient norm,
+        computed before the step decides to clip and apply. With an fp16 grad scaler
+        Megatron checks for inf/NaN itself (and unscaling twice would be wrong): inf is
+        never returned then, the optimizer skips on its own."""
+        if getattr(self.optimizer, "grad_scaler", None) is not None or any(
+            getattr(o, "grad_scaler", None) is not None for o in getattr(self.optimizer, "chained_optimizers", [])
+        ):
+            return 0.0
+        # prepare_grads copies the DDP grad buffers into the optimizer's main grads; it is
+        # repeated (idempotently) by optimizer.step() when the step goes ahead.
+        self.optimizer.prepare_grads()
+        return float(self.optimizer.get_grad_norm())
+
+    def _skip(self, stats, microbatches: Sequence[Batch], per_mb: list[dict[str, Any]], loss: float, grad_norm: float):
+        self.consecutive_skips += 1
+        if per_mb:
+            bad = [i for i, mb in enumerate(per_mb) if not torch.isfinite(mb[LOSS_KEY]).item()]
+            where = f"non-finite loss in microbatch(es) {bad} of {len(per_mb)} on this rank" if bad else "losses finite on this rank"
+            samples = [j for i in bad if "sample_index" in microbatches[i] for j in microbatches[i]["sample_index"].tolist()]
+            where += f", samples {samples}" if samples else ""
+        else:  # not the last pipeline stage: per-microbatch losses live there
+            where = "per-microbatch losses on the last pipeline stage"
+        self.skips.append(f"loss {loss:.4g}, grad norm {grad_norm:.4g} ({where})")
+        stats["grad_norm"] = grad_norm
+        stats["learning_rate"] = self.optimizer.param_groups[0]["lr"]
+        stats["update_applied"] = 0.0
         return stats
 
     def _fused_cpu_adam(self) -> None:

@@ -37,6 +37,9 @@ Batch = dict[str, torch.Tensor]
 LossFn = Callable[[torch.Tensor, Batch], tuple[torch.Tensor, dict[str, Any]]]
 
 _ONE = torch.tensor(1, dtype=torch.int)
+LOSS_KEY = "_loss"
+"""The stats key under which `run_microbatches` (training only) returns each
+microbatch's loss as given to backward: the engine checks it is finite."""
 
 
 def wrap_ddp(
@@ -102,6 +105,8 @@ def run_microbatches(
         def loss_func(output_tensor):
             with cpu_compat.fast_path():
                 loss, stats = loss_fn(output_tensor, batch)
+            if not forward_only:
+                stats = {**stats, LOSS_KEY: loss.detach()}
             return loss, _ONE, stats
 
         return output, loss_func

@@ -104,7 +104,57 @@ def init_distributed(timeout_s: float = 600.0) -> LaunchEnv:
         world_size=launch.world_size,
         timeout=datetime.timedelta(seconds=timeout_s),
     )
+    _register_process(launch.rank)
     return launch
+
+
+_PROC_KEY = "megarlhf/process/{}"
+_PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted")
+
+
+def _register_process(rank: int) -> None:
+    """Record `host pid` of this rank in the world's store, so that a survivor can name a
+    rank that died (`lost_peers`)."""
+    import socket
+
+    store = dist.distributed_c10d._get_default_store()
+    store.set(_PROC_KEY.format(rank), f"{socket.gethostname()} {os.getpid()}")
+
+
+def _process_gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] in ("Z", "X")  # a zombie is dead too
+    except FileNotFoundError:
+        return True
+
+
+def lost_peers(err: BaseException) -> str | None:
+    """When `err` is a collective failing because a peer process went away: a sentence
+    naming the ranks of this host found dead (their pids from the store), or saying which
+    could not be checked; None for any other error. Called by the CLI after a failure."""
+    import socket
+
+    if not any(s in str(err) for s in _PEER_LOST) or not dist.is_initialized():
+        return None
+    me, host = dist.get_rank(), socket.gethostname()
+    dead, unknown = [], 0
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set_timeout(datetime.timedelta(seconds=2))
+        for rank in range(dist.get_world_size()):
+            if rank == me:
+                continue
+            peer_host, pid = store.get(_PROC_KEY.format(rank)).decode().split()
+            if peer_host != host:
+                unknown += 1
+            elif _process_gone(int(pid)):
+                dead.append(f"rank {rank} (pid {pid})")
+    except Exception:  # the store lives in rank 0's process: gone with it
+        return f"rank {me} lost a peer: the store is unreachable, so rank 0 (which hosts it) is gone"
+    if dead:
+        return f"rank {me} lost {', '.join(dead)}: the process is gone"
+    return f"rank {me} lost a peer" + (f" on another host ({unknown} ranks there could not be checked)" if unknown else "")
 
 
 def _init_megatron_globals() -> None:

@@ -75,6 +75,9 @@ class GRPOTrainer(RolloutTrainer):
         """Each prompt num_generations times, on consecutive rows (one group)."""
         return [it for it in items for _ in range(self.cfg.grpo.num_generations)]
 
+    def score_group_size(self) -> int:
+        return self.cfg.grpo.num_generations
+
     def describe(self) -> str:
         g = self.cfg.grpo
         return (

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from megarlhf.algorithms import mismatch_metrics, rollout_is_weights
 from megarlhf.checkpoint.dist_ckpt import (
+    CheckpointError,
     checkpoint_model_config,
     load_checkpoint,
     load_model_weights,
@@ -49,10 +50,11 @@ from megarlhf.parallel import Layout, RoleGroups, build_parallel_context, init_d
 from megarlhf.parallel.collect import gather_rows, is_row_owner, shard_rows
 from megarlhf.parallel.refit import WeightRefit
 from megarlhf.rollout import GenerationEngine, SamplingParams
-from megarlhf.rollout.rewards import load_reward_fn
+from megarlhf.rollout.rewards import RewardError, agree_on_failure, checked_scores, load_reward_fn
 from megarlhf.trainers.dumps import dump_path, read_rollouts, write_rollouts
 from megarlhf.trainers.ppo_batches import cut_microbatches, rollout_batch
 from megarlhf.trainers.rm import sequence_scores
+from megarlhf.trainers.guard import NonFiniteGuard, warn_if_disk_short
 from megarlhf.trainers.preempt import StopRequest
 from megarlhf.trainers.run import RunDir
 
@@ -112,6 +114,7 @@ class RolloutTrainer:
                 self.compiled[engine.model] = engine.compiled_model
 
         self.step = 0
+        self.guard = NonFiniteGuard(cfg.train.max_skipped_steps, cfg.train.run_dir)
         resume_from = resume_checkpoint(resume, cfg.train.run_dir)
         self.run = RunDir(cfg.train.run_dir, cfg, is_main=self.ctx.is_main, resume=resume_from is not None)
         if resume_from is not None:
@@ -276,7 +279,7 @@ class RolloutTrainer:
         cfg = self.cfg
         timer = PhaseTimer()
         t_start = time.perf_counter()
-        items = self.rollout_items([self.prompts[i] for i in self.sampler.next_batch()])
+        items = self.rollout_items([{**self.prompts[i], "index": i} for i in self.sampler.next_batch()])
         sampling = SamplingParams(
             max_new_tokens=cfg.generation.response_length, temperature=cfg.generation.temperature,
             top_k=cfg.generation.top_k, top_p=cfg.generation.top_p,
@@ -435,16 +438,22 @@ class RolloutTrainer:
         if self.reward_fn is not None:
             parts["rule_score"] = self.rule_scores(batch, items)
             total += cfg.reward_fn_weight * parts["rule_score"]
+            total = self.exclude_unscored(batch, total)
+            unscored = torch.isnan(parts["rule_score"])
+            parts["rule_score"] = parts["rule_score"].nan_to_num(0.0)
+            parts["unscored_fraction"] = unscored.float()
         return total, parts
 
     def rule_scores(self, batch, items) -> torch.Tensor:
         """The rule reward, each sample scored once in the world (a rule may be costly or
-        call a service): by the rollout DP rank that generated it, then gathered."""
+        call a service): by the rollout DP rank that generated it, then gathered. NaN
+        where the rule returned None; a rule that raises or returns NaN/inf stops the run
+        on every rank (RewardError naming the rule, the prompt and the value)."""
         groups = self.ctx["rollout"]
         n = batch["tokens"].shape[0]
         rows = shard_rows(n, groups)
         owner = is_row_owner(groups)
-        local = None
+        local, failure = None, None
         if owner:
             texts, prompts, answers = [], [], []
             for i in rows:
@@ -453,8 +462,30 @@ class RolloutTrainer:
                 texts.append(self.tokenizer.decode(ids))
                 prompts.append(items[i]["prompt_text"])
                 answers.append(items[i]["answer"])
-            local = torch.tensor(self.reward_fn(prompts, texts, answers), dtype=torch.float64)
+            where = [f"prompt {items[i].get('index', '?')} (row {i} of iteration {self.step + 1})" for i in rows]
+            try:
+                local = checked_scores(self.reward_fn, self.cfg.reward_fn, prompts, texts, answers, where)
+            except RewardError as err:
+                local, failure = torch.zeros(len(rows), dtype=torch.float64), str(err)
+        agree_on_failure(failure, self.device)
         return gather_rows(local, rows, (n,), owner=owner, dtype=torch.float64, device=self.device).float().cpu()
+
+    def exclude_unscored(self, batch, total: torch.Tensor) -> torch.Tensor:
+        """Samples a rule scored None leave the loss: their response mask rows become 0
+        (in place, so every later use of batch["mask"] sees it) and their score is the
+        mean of the scored samples of their group (`score_group_size` consecutive rows),
+        so group statistics (GRPO's mean) are those of the scored samples."""
+        unscored = torch.isnan(total)
+        if not unscored.any():
+            return total
+        batch["mask"].mul_((~unscored).to(batch["mask"].dtype).to(batch["mask"].device).unsqueeze(1))
+        grouped = total.view(-1, self.score_group_size())
+        fill = torch.nanmean(grouped, dim=1, keepdim=True).nan_to_num(0.0).expand_as(grouped)
+        return torch.where(torch.isnan(grouped), fill, grouped).view(-1)
+
+    def score_group_size(self) -> int:
+        """Consecutive rows that share a prompt (GRPO: num_generations)."""
+        return 1
 
     # --- train ---------------------------------------------------------------------------
     def _length_multiple(self, groups: RoleGroups) -> int:
@@ -507,15 +538,22 @@ class RolloutTrainer:
 
     def save(self) -> None:
         self._onload_trainables()  # checkpoints are written from the device
-        path = save_checkpoint(
-            self.cfg.train.run_dir,
-            self.step,
-            self.trainables(),
-            {"stage": self.stage, "sampler": self.sampler.state_dict(), **self.state_dict()},
-            keep=self.cfg.train.save_total_limit,
-        )
+        try:
+            path = save_checkpoint(
+                self.cfg.train.run_dir,
+                self.step,
+                self.trainables(),
+                {"stage": self.stage, "sampler": self.sampler.state_dict(), **self.state_dict()},
+                keep=self.cfg.train.save_total_limit,
+            )
+        except CheckpointError as err:
+            if self.cfg.train.on_save_error != "continue":
+                raise
+            self.run.say(f"iteration {self.step}: checkpoint not saved, training continues (train.on_save_error=continue): {err}")
+            path = None
         self._offload_trainables()
-        self.run.say(f"saved checkpoint {path}")
+        if path is not None:
+            self.run.say(f"saved checkpoint {path}")
 
     def describe(self) -> str:
         """The first log line: sizes and layouts."""
@@ -563,6 +601,7 @@ class RolloutTrainer:
         if (done := run.finished_summary(self.step, cfg.max_steps)) is not None:
             run.close()
             return done
+        warn_if_disk_short(cfg.run_dir, self.trainables(), run)
         eval_before: dict[str, float] = {}
         if self.step == 0:
             eval_before = self.evaluate()
@@ -575,6 +614,7 @@ class RolloutTrainer:
         while self.step < cfg.max_steps:
             metrics = self.iteration()
             self.step += 1
+            self.guard.after_step(self.step, self.trainables(), run)
             if cfg.eval_steps and self.step % cfg.eval_steps == 0 or self.step == cfg.max_steps:
                 last_eval = self.evaluate()
                 metrics.update(last_eval)

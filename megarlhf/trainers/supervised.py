@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from megarlhf.checkpoint.dist_ckpt import (
+    CheckpointError,
     load_checkpoint,
     load_model_weights,
     resolve_checkpoint,
@@ -32,6 +33,7 @@ from megarlhf.engine.engine import TrainEngine
 from megarlhf.models.backbone import build_model
 from megarlhf.parallel import Layout, build_parallel_context, init_distributed, seed_all
 from megarlhf.parallel.layout import RoleGroups
+from megarlhf.trainers.guard import NonFiniteGuard, warn_if_disk_short
 from megarlhf.trainers.preempt import StopRequest
 from megarlhf.trainers.run import RunDir
 
@@ -72,6 +74,7 @@ class SupervisedTrainer:
         self.device = next(model.parameters()).device
 
         self.step = 0
+        self.guard = NonFiniteGuard(cfg.train.max_skipped_steps, cfg.train.run_dir)
         resume_from = resume_checkpoint(resume, cfg.train.run_dir)
         self.run = RunDir(cfg.train.run_dir, cfg, is_main=self.ctx.is_main, resume=resume_from is not None)
         if resume_from is not None:
@@ -137,6 +140,7 @@ class SupervisedTrainer:
             f"{cfg.micro_batch_size} x {self.num_microbatches} microbatches x {self.dp} dp"
             + (f"; torch.compile: {', '.join(compiled)}" if (compiled := self.compiled_roles()) else "")
         )
+        warn_if_disk_short(cfg.run_dir, {self.role: self.engine}, run)
         bar = run.progress(cfg.max_steps, self.step, desc=self.stage)
         metrics: dict[str, float] = {}
         last_eval: dict[str, float] = {}
@@ -146,6 +150,7 @@ class SupervisedTrainer:
             n, tokens, computed = self.global_counts(microbatches)
             sums = self.engine.train_step(microbatches, partial(self.loss, n=n))
             self.step += 1
+            self.guard.after_step(self.step, {self.role: self.engine}, run)
             elapsed = time.perf_counter() - t0
             metrics = self.metrics(sums)
             metrics.update(
@@ -184,20 +189,28 @@ class SupervisedTrainer:
         return s.epoch + s.consumed_in_epoch / (s.batches_per_epoch * s.global_batch_size)
 
     def next_microbatches(self) -> list[dict[str, torch.Tensor]]:
-        """This DP rank's slice of the next global batch, split into microbatches."""
-        items = [self.train_data[i] for i in self.sampler.next_batch()]
+        """This DP rank's slice of the next global batch, split into microbatches (each
+        with "sample_index": the dataset indices of its samples, named when a step is
+        skipped as non-finite)."""
+        picked = [(i, self.train_data[i]) for i in self.sampler.next_batch()]
         mbs = self.cfg.train.micro_batch_size
+
+        def cut(chunk, length):
+            mb = self.collate([item for _, item in chunk], length)
+            mb["sample_index"] = torch.tensor([i for i, _ in chunk])
+            return mb
+
         if self.groups.layout.pp > 1:
             # Pipeline stages exchange fixed-size activations: one length for the step
             # (every stage sees the same data, so they agree on it).
-            length = self.step_length(items)
-            return [self.collate(items[k : k + mbs], length) for k in range(0, len(items), mbs)]
+            length = self.step_length([item for _, item in picked])
+            return [cut(picked[k : k + mbs], length) for k in range(0, len(picked), mbs)]
         # Otherwise each microbatch is cut to its own longest sample, samples grouped by
         # length (longest first). Losses are sums over the global count (engine/schedule.py),
         # so the grouping does not change the gradient, only the padding computed.
-        items.sort(key=self.sample_length, reverse=True)
-        chunks = [items[k : k + mbs] for k in range(0, len(items), mbs)]
-        return [self.collate(chunk, self.step_length(chunk)) for chunk in chunks]
+        picked.sort(key=lambda p: self.sample_length(p[1]), reverse=True)
+        chunks = [picked[k : k + mbs] for k in range(0, len(picked), mbs)]
+        return [cut(chunk, self.step_length([item for _, item in chunk])) for chunk in chunks]
 
     def global_counts(self, microbatches) -> tuple[torch.Tensor, float, float]:
         """(loss denominator, non-pad tokens, computed positions incl. padding) summed
@@ -240,13 +253,19 @@ class SupervisedTrainer:
         return self.metrics(sums, prefix="eval_")
 
     def save(self) -> None:
-        path = save_checkpoint(
-            self.cfg.train.run_dir,
-            self.step,
-            {self.role: self.engine},
-            {"sampler": self.sampler.state_dict(), "stage": self.stage},
-            keep=self.cfg.train.save_total_limit,
-        )
+        try:
+            path = save_checkpoint(
+                self.cfg.train.run_dir,
+                self.step,
+                {self.role: self.engine},
+                {"sampler": self.sampler.state_dict(), "stage": self.stage},
+                keep=self.cfg.train.save_total_limit,
+            )
+        except CheckpointError as err:
+            if self.cfg.train.on_save_error != "continue":
+                raise
+            self.run.say(f"step {self.step}: checkpoint not saved, training continues (train.on_save_error=continue): {err}")
+            return
         self.run.say(f"saved checkpoint {path}")
 
 
