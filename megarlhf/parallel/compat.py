@@ -124,6 +124,22 @@ def leave_inference_mode() -> bool:
     return True
 
 
+# --- weight refit -------------------------------------------------------------------
+
+
+def forget_refit_plans() -> None:
+    """Drop Megatron-Core's cached resharding plans (0.17+ cache them per process, keyed
+    by the layouts' sizes only, not by the models): a WeightRefit between new models of
+    the same layout sizes would otherwise replay a plan built for other models and copy
+    the wrong slices without an error. Called once per WeightRefit; the next refit
+    builds its plan again (a collective, as the first one always was)."""
+    try:
+        from megatron.core.resharding.refit import clear_plan_cache
+    except ImportError:  # 0.16.1 builds the plan on every call: nothing cached
+        return
+    clear_plan_cache()
+
+
 # --- tied embeddings at PP > 1 ------------------------------------------------------
 
 

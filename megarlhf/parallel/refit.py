@@ -16,6 +16,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from megarlhf.parallel import compat
 from megarlhf.parallel.layout import RoleGroups
 
 
@@ -28,6 +29,8 @@ class WeightRefit:
         self.actor_layout, self.engine_layout = actor_groups.layout, engine_groups.layout
         self.backend = "nccl" if torch.cuda.is_available() else "gloo"
         self.last_seconds = 0.0
+        if not self.in_place:
+            compat.forget_refit_plans()  # a plan cached for earlier models of these layout sizes
 
     @torch.no_grad()
     def refit(self) -> float:
