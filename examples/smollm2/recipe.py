@@ -90,7 +90,7 @@ class Recipe:
         per_iter = [m["time/iteration"] for m in metrics if "time/iteration" in m]
         info = {"stage": stage, "iterations": steps, "wall_seconds": seconds,
                 "seconds_per_iteration": sum(per_iter) / len(per_iter) if per_iter else seconds / steps}  # fmt: skip
-        rewards = [m[k] for m in metrics for k in ("reward", "reward/mean", "rewards/mean") if k in m]
+        rewards = [m[k] for m in metrics for k in ("objective/scores",) if k in m]
         if rewards:
             info["reward_curve"] = rewards
         for k in ("time/generate", "time/score", "time/train"):
@@ -130,7 +130,7 @@ class Recipe:
         if "dpo" in stages:
             prompts = _head(self.data / "math_train.jsonl", self.work / "pair_prompts.jsonl", a.pair_prompts)
             samples = self.work / "pair_samples.jsonl"
-            gen_s = self.megarlhf("generate", "--model", str(self.model), "--prompts", str(prompts), "--n", str(a.pair_n),
+            gen_s = self.megarlhf("generate", "--model", str(self.model), "--prompts", str(prompts), f"n={a.pair_n}",  # not --n: torchrun reads it as an abbreviation of its own --nnodes
                                   "--reward", a.pair_reward or a.reward, "--output", str(samples), "temperature=1.0", f"data.max_length={a.prompt_length}",
                                   f"max_new_tokens={a.response_length}", f"batch_size={a.eval_batch}", log="pair_samples")  # fmt: skip
             sys.path.insert(0, str(HERE))
