@@ -87,7 +87,7 @@ class Recipe:
         seconds = self.megarlhf(stage, "--config", str(HERE / config), f"train.run_dir={run_dir}",
                                 f"train.max_steps={steps}", *overrides, log=run_dir.name)  # fmt: skip
         metrics = _jsonl(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").is_file() else []
-        per_iter = [m["time/iteration"] for m in metrics if "time/iteration" in m]
+        per_iter = [m[k] for m in metrics for k in ("time/iteration", "step_seconds") if k in m]
         info = {"stage": stage, "iterations": steps, "wall_seconds": seconds,
                 "seconds_per_iteration": sum(per_iter) / len(per_iter) if per_iter else seconds / steps}  # fmt: skip
         rewards = [m[k] for m in metrics for k in ("objective/scores",) if k in m]
@@ -130,8 +130,10 @@ class Recipe:
         if "dpo" in stages:
             prompts = _head(self.data / "math_train.jsonl", self.work / "pair_prompts.jsonl", a.pair_prompts)
             samples = self.work / "pair_samples.jsonl"
-            gen_s = self.megarlhf("generate", "--model", str(self.model), "--prompts", str(prompts), f"n={a.pair_n}",  # not --n: torchrun reads it as an abbreviation of its own --nnodes
-                                  "--reward", a.pair_reward or a.reward, "--output", str(samples), "temperature=1.0", f"data.max_length={a.prompt_length}",
+            gen_s = self.megarlhf("generate", "--model", str(self.model), "--prompts", str(prompts),
+                                  "--reward", a.pair_reward or a.reward, "--output", str(samples),
+                                  f"n={a.pair_n}",  # not --n: torchrun reads it as an abbreviation of its --nnodes
+                                  "temperature=1.0", f"data.max_length={a.prompt_length}",
                                   f"max_new_tokens={a.response_length}", f"batch_size={a.eval_batch}", log="pair_samples")  # fmt: skip
             sys.path.insert(0, str(HERE))
             from make_pairs import main as make_pairs
