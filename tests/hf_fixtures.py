@@ -128,9 +128,10 @@ def transformers_tokenizer(folder: str | Path):
     return AutoTokenizer.from_pretrained(str(folder))
 
 
-def tiny_llama(folder: str | Path, style: str = "chatml", seed: int = 0) -> Path:
-    """A random Llama (2 layers, hidden 64, GQA 4/2) saved by transformers as an HF model
-    folder, with a tokenizer of `style` (its files next to the weights, as on the Hub)."""
+def tiny_llama(folder: str | Path, style: str = "chatml", seed: int = 0, max_positions: int = 128) -> Path:
+    """A random Llama (2 layers, hidden 64, GQA 4/2, `max_positions` positions) saved by
+    transformers as an HF model folder, with a tokenizer of `style` (its files next to the
+    weights, as on the Hub)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -139,7 +140,7 @@ def tiny_llama(folder: str | Path, style: str = "chatml", seed: int = 0) -> Path
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        num_key_value_heads=2, max_position_embeddings=max_positions, rms_norm_eps=1e-5, tie_word_embeddings=False,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
     )  # fmt: skip
     model = LlamaForCausalLM(config)
