@@ -23,8 +23,11 @@ def test_bench_generation_compiled_matches_transformers(tmp_path):
     for r in rows:
         assert r["same_greedy_tokens"], r
         assert r["megarlhf_tokens_per_s"] > 0 and r["hf_tokens_per_s"] > 0
-        # Both sides multiply matrices; HF's best call takes longer than its products alone.
+        # Both sides multiply matrices, and within one profiled call the products take part
+        # of the call's time (comparing with another, unprofiled call would be a timing race:
+        # at this size the profiler's per-op overhead is most of a call).
         assert r["megarlhf_matmul_s"] > 0 and r["hf_matmul_s"] > 0, r
-        assert r["ratio_bound"] > 1, r
+        assert r["megarlhf_matmul_s"] < r["megarlhf_profiled_call_s"] and r["hf_matmul_s"] < r["hf_profiled_call_s"], r
+        assert r["ratio_bound"] > 0, r
     assert "compile=True" in out.stdout
     assert "ratio bound" in out.stdout
