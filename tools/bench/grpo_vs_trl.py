@@ -117,7 +117,9 @@ def grpo_config(args, work: Path, data_dir: Path, tokenizer: Path, sft: Path):
         f"data.tokenizer={tokenizer}", f"data.train_file={data_dir / 'prompts_train.jsonl'}", "data.eval_file=",
         f"sft_model_path={sft}", "reward_model_path=", f"reward_fn={RULE}",
         f"train.run_dir={work / 'megarlhf_grpo'}", f"train.max_steps={args.iterations}", "train.eval_steps=0",
-        "train.save_steps=0", *args.overrides,
+        "train.save_steps=0",
+        # TRL measures no engine/trainer log-prob gap: same work on both sides (--set turns it back on)
+        "rollout_correction.measure=false", *args.overrides,
     ]  # fmt: skip
     cfg = load_config(GRPOConfig, REPO / GRPO_YAML, overrides)
     g, gen = cfg.grpo, cfg.generation

@@ -136,7 +136,9 @@ def ppo_config(args, work: Path, data_dir: Path, tokenizer: Path, sft: Path, rm:
         f"sft_model_path={sft}", f"reward_model_path={rm}", "reward_fn=", "reward_model_weight=1",
         "value_model_path=",
         f"train.run_dir={work / 'megarlhf_ppo'}", f"train.max_steps={args.iterations}", "train.eval_steps=0",
-        "train.save_steps=0", "ppo.adap_kl_ctrl=false", f"ppo.num_mini_batches={args.num_mini_batches}",
+        "train.save_steps=0",
+        # TRL measures no engine/trainer log-prob gap: same work on both sides (--set turns it back on)
+        "rollout_correction.measure=false", "ppo.adap_kl_ctrl=false", f"ppo.num_mini_batches={args.num_mini_batches}",
         *args.overrides,
     ]  # fmt: skip
     cfg = load_config(PPOConfig, REPO / PPO_YAML, overrides)
