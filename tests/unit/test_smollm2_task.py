@@ -39,13 +39,21 @@ def test_worked_solutions_are_right():
     assert all(int(t["ground_truth"]) >= 0 for t in truths)
 
 
-def test_config_sketches_validate():
-    """The recipe's configs pass megarlhf's validation (they run once the trainers read the
-    model's own tokenizer specials and chat template)."""
+def test_recipe_configs_take_the_model_from_the_converted_dir():
+    """The recipe's configs name no model shape and no tokenizer: init_from / sft_model_path
+    bring both from the converted checkpoint (checkpoint/source.py); with the tokenizer that
+    source fills in, each one passes megarlhf's validation."""
     from pathlib import Path
 
-    from megarlhf.config import GRPOConfig, SFTConfig, load_config
+    import yaml
+
+    from megarlhf.config import DPOConfig, GRPOConfig, SFTConfig, load_config
 
     here = Path(__file__).resolve().parents[2] / "examples" / "smollm2"
-    assert load_config(GRPOConfig, here / "grpo.yaml").model.num_parameters() > 130e6
-    assert load_config(SFTConfig, here / "sft.yaml").init_from == "runs/smollm2/model"
+    for name, cls, key in (("sft.yaml", SFTConfig, "init_from"), ("grpo.yaml", GRPOConfig, "sft_model_path"),
+                           ("dpo.yaml", DPOConfig, "init_from")):  # fmt: skip
+        tree = yaml.safe_load((here / name).read_text())
+        assert "model" not in tree and not (tree.get("data") or {}).get("tokenizer"), name
+        assert tree[key] == "runs/smollm2/model", name
+        cfg = load_config(cls, here / name, ["data.tokenizer=runs/smollm2/model/hf"])
+        assert getattr(cfg, key) == "runs/smollm2/model", name
