@@ -1,4 +1,4 @@
-"""Rollout dumps (train.dump_rollouts) and reading them back for `--replay-rollouts`.
+"""Rollout dumps (train.dump_rollouts), reading them back, and `--replay-rollouts`'s update.
 Layer: trainers/.
 
 One Parquet file per dumped iteration, `run_dir/rollouts/iter_NNNNNNN.parquet`, one row
@@ -22,9 +22,11 @@ The file's metadata holds the dtype and shape of each batch column.
 from __future__ import annotations
 
 import json
+from typing import Any
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 # What generation produced: a replay starts from these and recomputes the rest.
 GENERATED = (
@@ -105,3 +107,32 @@ def read_rollouts(path: str | Path, keys: tuple[str, ...] = GENERATED) -> tuple[
         for ids, text, answer in zip(data["prompt_ids"], data["prompt_text"], data["answer"])
     ]
     return batch, items, int(data["policy_version"][0])
+
+
+def replay(trainer, path: str) -> dict[str, Any]:
+    """One update on a dumped rollout batch (train.dump_rollouts), without generating: the
+    way to debug a loss spike. Start from the dumping run's checkpoint of the iteration
+    before (`--resume PATH`; `trainer` is this run's RolloutTrainer): the same weights,
+    optimizer state and minibatch order then reproduce that iteration's losses and update.
+    Logs the metrics, saves a checkpoint."""
+    dumped, items, version = read_rollouts(path)
+    if version != trainer.step:
+        trainer.run.say(
+            f"note: {path} was sampled by the policy after {version} iterations; the weights loaded have "
+            f"{trainer.step}: pass --resume with that run's checkpoints/iter_{version:07d} to reproduce it"
+        )
+    # Re-laid out for this run's layouts (the column multiple may differ from the dumping run's).
+    batch = trainer.rollout_batch(dumped["tokens"], dumped["mask"], items)
+    t = batch["tokens"].shape[1]
+    for key in ("engine_logprobs", "engine_entropy"):
+        batch[key] = F.pad(dumped[key], (0, max(0, t - dumped[key].shape[1])))[:, :t]
+    trainer.run.say(f"replaying {path}: {len(items)} sequences, no generation")
+    metrics = trainer.update(batch, items)
+    trainer.step += 1
+    trainer.run.log_metrics(trainer.step, metrics)
+    trainer.run.say(f"replayed iteration {trainer.step}: " + ", ".join(f"{k} {metrics[k]:.4g}" for k in trainer.shown_keys if k in metrics))
+    trainer.save()
+    summary = {"stage": trainer.stage, "replayed": str(path), "steps": trainer.step, "final": metrics}
+    trainer.run.write_summary(summary)
+    trainer.run.close()
+    return summary

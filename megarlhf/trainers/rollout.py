@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from megarlhf.algorithms import mismatch_metrics, rollout_is_weights
+from megarlhf.algorithms import mismatch_metrics, overlong_penalty, rollout_is_weights
 from megarlhf.checkpoint.dist_ckpt import (
     CheckpointError,
     checkpoint_model_config,
@@ -51,7 +51,7 @@ from megarlhf.parallel.collect import gather_rows, is_row_owner, shard_rows
 from megarlhf.parallel.refit import WeightRefit
 from megarlhf.rollout import GenerationEngine, SamplingParams
 from megarlhf.rollout.rewards import RewardError, agree_on_failure, checked_scores, load_reward_fn
-from megarlhf.trainers.dumps import dump_path, read_rollouts, write_rollouts
+from megarlhf.trainers.dumps import dump_path, replay, write_rollouts
 from megarlhf.trainers.ppo_batches import cut_microbatches, rollout_batch
 from megarlhf.trainers.rm import sequence_scores
 from megarlhf.trainers.guard import NonFiniteGuard, warn_if_disk_short
@@ -470,6 +470,18 @@ class RolloutTrainer:
         agree_on_failure(failure, self.device)
         return gather_rows(local, rows, (n,), owner=owner, dtype=torch.float64, device=self.device).float().cpu()
 
+    def length_penalties(self, scores: torch.Tensor, batch, section) -> torch.Tensor:
+        """`scores` [B] minus the missing-EOS penalty and plus DAPO's soft overlong penalty,
+        with the knobs of `section` (cfg.ppo or cfg.grpo: same field names)."""
+        if section.missing_eos_penalty:
+            scores = scores - section.missing_eos_penalty * (~batch["finished"]).float()
+        if section.overlong_buffer_length:
+            scores = scores + overlong_penalty(
+                batch["response_lengths"], self.cfg.generation.response_length, section.overlong_buffer_length,
+                section.overlong_penalty_factor,
+            )  # fmt: skip
+        return scores
+
     def exclude_unscored(self, batch, total: torch.Tensor) -> torch.Tensor:
         """Samples a rule scored None leave the loss: their response mask rows become 0
         (in place, so every later use of batch["mask"] sees it) and their score is the
@@ -569,31 +581,8 @@ class RolloutTrainer:
         )
 
     def replay(self, path: str) -> dict[str, Any]:
-        """One update on a dumped rollout batch (train.dump_rollouts), without generating: the
-        way to debug a loss spike. Start from the dumping run's checkpoint of the iteration
-        before (`--resume PATH`): the same weights, optimizer state and minibatch order then
-        reproduce that iteration's losses and update. Logs the metrics, saves a checkpoint."""
-        dumped, items, version = read_rollouts(path)
-        if version != self.step:
-            self.run.say(
-                f"note: {path} was sampled by the policy after {version} iterations; the weights loaded have "
-                f"{self.step}: pass --resume with that run's checkpoints/iter_{version:07d} to reproduce it"
-            )
-        # Re-laid out for this run's layouts (the column multiple may differ from the dumping run's).
-        batch = self.rollout_batch(dumped["tokens"], dumped["mask"], items)
-        t = batch["tokens"].shape[1]
-        for key in ("engine_logprobs", "engine_entropy"):
-            batch[key] = F.pad(dumped[key], (0, max(0, t - dumped[key].shape[1])))[:, :t]
-        self.run.say(f"replaying {path}: {len(items)} sequences, no generation")
-        metrics = self.update(batch, items, PhaseTimer())
-        self.step += 1
-        self.run.log_metrics(self.step, metrics)
-        self.run.say(f"replayed iteration {self.step}: " + ", ".join(f"{k} {metrics[k]:.4g}" for k in self.shown_keys if k in metrics))
-        self.save()
-        summary = {"stage": self.stage, "replayed": str(path), "steps": self.step, "final": metrics}
-        self.run.write_summary(summary)
-        self.run.close()
-        return summary
+        """One update on a dumped rollout batch, without generating (trainers.dumps.replay)."""
+        return replay(self, path)
 
     def fit(self) -> dict[str, Any]:
         cfg, run = self.cfg.train, self.run
