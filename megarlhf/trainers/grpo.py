@@ -38,7 +38,6 @@ from megarlhf.algorithms import (
     kl_loss,
     kl_penalty,
     masked_sum,
-    overlong_penalty,
     reinforce_pp_advantages,
 )
 from megarlhf.config import GRPOConfig
@@ -132,16 +131,7 @@ class GRPOTrainer(RolloutTrainer):
 
     def shape_scores(self, raw_scores: torch.Tensor, batch) -> torch.Tensor:
         """Missing-EOS penalty and DAPO's soft overlong penalty on the sequence scores."""
-        g = self.cfg.grpo
-        scores = raw_scores
-        if g.missing_eos_penalty:
-            scores = scores - g.missing_eos_penalty * (~batch["finished"]).float()
-        if g.overlong_buffer_length:
-            scores = scores + overlong_penalty(
-                batch["response_lengths"], self.cfg.generation.response_length, g.overlong_buffer_length,
-                g.overlong_penalty_factor,
-            )  # fmt: skip
-        return scores
+        return self.length_penalties(raw_scores, batch, self.cfg.grpo)
 
     def advantages(self, scores, loss_mask, old_logprobs, ref_logprobs) -> torch.Tensor:
         """[N] scores -> [N, T] advantages on the loss's tokens (0 elsewhere)."""

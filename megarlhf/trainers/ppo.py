@@ -37,7 +37,6 @@ from megarlhf.algorithms import (
     masked_mean,
     masked_whiten,
     normalize_scores,
-    overlong_penalty,
     sft_loss,
     shape_rewards,
     value_loss,
@@ -194,13 +193,7 @@ class PPOTrainer(RolloutTrainer):
     def transform_scores(self, scores: torch.Tensor, batch) -> torch.Tensor:
         """Missing-EOS and DAPO's overlong penalties, optional running normalisation and clipping."""
         ppo = self.cfg.ppo
-        if ppo.missing_eos_penalty:
-            scores = scores - ppo.missing_eos_penalty * (~batch["finished"]).float()
-        if ppo.overlong_buffer_length:
-            scores = scores + overlong_penalty(
-                batch["response_lengths"], self.cfg.generation.response_length, ppo.overlong_buffer_length,
-                ppo.overlong_penalty_factor,
-            )  # fmt: skip
+        scores = self.length_penalties(scores, batch, ppo)
         if ppo.normalize_reward:
             self.moments.update(scores)
             scores = normalize_scores(scores, self.moments.mean, self.moments.std)
