@@ -19,9 +19,6 @@ TORCH312 ?= torch==2.14.1
 MCORE312 ?= megatron-core==0.19.2
 TESTS_312 ?= tests/parallel tests/unit/test_backbone.py tests/unit/test_cpu_compat.py \
 	tests/unit/test_hf_mapping.py tests/unit/test_layout.py tests/unit/test_plan.py
-# Deselected: fails on 0.19.2 (resuming model + optimizer with tied embeddings at PP2:
-# "Could not find parameter group"); open, written up in docs/megatron-versions.md.
-KNOWN_312 ?= --deselect tests/parallel/test_hf_conversion.py::test_tied_embeddings_checkpoint_round_trip_at_pp2
 
 install: $(STAMP)
 
@@ -66,7 +63,7 @@ $(STAMP312): setup.py
 # The 3.12 tier; its cross-release checkpoint test writes a checkpoint with the 3.11
 # environment's megatron-core 0.16.1 (`make install`) and resumes it here.
 test-312: $(STAMP312) $(STAMP)
-	MEGARLHF_MCORE_016_PYTHON=$(abspath $(PY)) $(VENV312)/bin/python -m pytest $(TESTS_312) $(KNOWN_312) $(PYTEST_ARGS)
+	MEGARLHF_MCORE_016_PYTHON=$(abspath $(PY)) $(VENV312)/bin/python -m pytest $(TESTS_312) $(PYTEST_ARGS)
 
 # GPU check (tools/gpu_check.sh): `make gpu-wheels` here (network), `make gpu-check` on the
 # GPU machine (offline, its own Python 3.12 + CUDA torch).

@@ -453,6 +453,13 @@ def load_checkpoint(path: str | Path, engines: dict[str, Any]) -> dict[str, Any]
                 engine.optimizer.load_state_dict(state["optimizer"])
         trainer_state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
     except Exception as err:
+        if "Could not find parameter group" in str(err):  # Megatron-Core 0.19+ matches groups by their settings
+            raise CheckpointError(
+                f"cannot load checkpoint {ckpt}: its optimizer parameter groups were saved with other "
+                f"settings (learning rate, weight decay or their multipliers) than this run's optim.*; "
+                f"resume with the run's own optim settings (its config.yaml), or start a new run from "
+                f"its weights with init_from={ckpt} (sft_model_path= for PPO and GRPO). Megatron-Core says: {str(err).splitlines()[0]}"
+            ) from err
         raise CheckpointError(f"cannot load checkpoint {ckpt}: {err}") from err
     for role, engine in engines.items():
         engine.scheduler.load_state_dict(trainer_state["schedulers"][role])
