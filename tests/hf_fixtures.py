@@ -128,10 +128,12 @@ def transformers_tokenizer(folder: str | Path):
     return AutoTokenizer.from_pretrained(str(folder))
 
 
-def tiny_llama(folder: str | Path, style: str = "chatml", seed: int = 0, max_positions: int = 128) -> Path:
+def tiny_llama(folder: str | Path, style: str = "chatml", seed: int = 0, max_positions: int = 128,
+               sharpen: float = 1.0) -> Path:  # fmt: skip
     """A random Llama (2 layers, hidden 64, GQA 4/2, `max_positions` positions) saved by
     transformers as an HF model folder, with a tokenizer of `style` (its files next to the
-    weights, as on the Hub)."""
+    weights, as on the Hub). `sharpen` scales the output layer: greedy argmaxes then lie far
+    from ties, so two implementations' greedy tokens can be compared."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -144,6 +146,8 @@ def tiny_llama(folder: str | Path, style: str = "chatml", seed: int = 0, max_pos
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
     )  # fmt: skip
     model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(sharpen)
     generation = (folder / "generation_config.json").read_text()
     model.save_pretrained(folder, safe_serialization=True)
     (folder / "generation_config.json").write_text(generation)  # the tokenizer style's EOS ids

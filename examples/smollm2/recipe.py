@@ -1,6 +1,7 @@
-"""SmolLM2-135M-Instruct's recipe in one command: SFT, GRPO (from the instruct model, over seeds,
-and from the SFT result), DPO on self-sampled pairs, and a before/after table of held-out accuracy
-under ONE scorer (`megarlhf generate`, greedy, the same prompts, tokens and rule for every row).
+"""SmolLM2-135M-Instruct's recipe in one command: SFT, then GRPO (over seeds) and DPO on
+self-sampled pairs, both from the SFT result (or from the instruct model: --rl-from instruct),
+and a before/after table of held-out accuracy under ONE scorer (`megarlhf generate`, greedy,
+the same prompts, tokens and rule for every row).
 
     python examples/smollm2/prepare.py --out runs/smollm2      # once: model + task
     python examples/smollm2/recipe.py --root runs/smollm2            # the recipe (2 ranks)
@@ -9,7 +10,8 @@ Every stage is the ordinary CLI (`torchrun -m megarlhf sft|grpo|dpo|generate`) o
 this folder, the model's shape, tokenizer and chat template coming from the converted checkpoint
 (init_from / sft_model_path). The size knobs (--eval-prompts, --sft-steps, --grpo-steps, ...)
 shrink it to a smoke test (tests/e2e/test_smollm2_recipe.py runs it on a tiny random Llama).
-Writes <out>/recipe.json (every figure) and prints the table as Markdown.
+Writes <out>/recipe.json (every figure) and prints the table as Markdown. --resume keeps the rows
+of recipe.json that are done (a stage and its evaluation) and runs the rest.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
-STAGES = ("sft", "grpo", "grpo_sft", "dpo")
+STAGES = ("sft", "grpo", "dpo")
+SET_STAGES = ("sft", "grpo", "dpo", "generate")
 
 
 def _jsonl(path: Path) -> list[dict]:
@@ -48,6 +51,23 @@ class Recipe:
         self.work = self.out / "recipe"
         self.work.mkdir(parents=True, exist_ok=True)
         self.rows: list[dict] = []
+        self.done: dict[str, dict] = {}
+        report = self.work / "recipe.json"
+        if args.resume and report.is_file():
+            self.done = {r["model"]: r for r in json.loads(report.read_text())["rows"]}
+        self.extra: dict[str, list[str]] = {k: [] for k in SET_STAGES}
+        for item in args.set:
+            stage, _, override = item.partition(":")
+            self.extra[stage].append(override)
+
+    def reuse(self, name: str) -> bool:
+        """--resume: the row of a model already trained and scored by an earlier run."""
+        if name not in self.done:
+            return False
+        print(f"[recipe] {name}: done in an earlier run (--resume), kept", flush=True)
+        self.rows.append(self.done[name])
+        self.save()
+        return True
 
     def megarlhf(self, *argv: str, log: str) -> float:
         """One CLI stage on --nproc ranks; its wall seconds. Output goes to <work>/<log>.log."""
@@ -55,6 +75,7 @@ class Recipe:
         if self.a.nproc > 1:
             launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(self.a.nproc), "-m", "megarlhf"]
         cmd = launcher + list(argv)
+        cmd += self.extra[argv[0]]
         logf = self.work / f"{log}.log"
         print(f"[recipe] {log}: {' '.join(cmd)}  (log: {logf})", flush=True)
         t0 = time.perf_counter()
@@ -102,53 +123,63 @@ class Recipe:
     def grpo(self, name: str, start: Path, seed: int) -> None:
         a = self.a
         run = self.out / name
+        if self.reuse(name):
+            return
         info = self.train("grpo", "grpo.yaml", run, a.grpo_steps, f"sft_model_path={start}",
                           f"data.train_file={self.data / 'math_train.jsonl'}", f"train.seed={seed}",
                           f"train.global_batch_size={a.grpo_prompts}", f"train.micro_batch_size={a.micro_batch}",
                           f"grpo.num_generations={a.generations}", f"generation.response_length={a.response_length}",
                           f"data.max_length={a.prompt_length}", f"optim.learning_rate={a.grpo_lr}")  # fmt: skip
-        self.evaluate(name, run, {**info, "seed": seed})
+        self.evaluate(name, run, {**info, "seed": seed, "start": a.rl_from})
 
     def run(self) -> list[dict]:
         a = self.a
         t0 = time.perf_counter()
         self.eval_prompts = _head(self.data / "math_test.jsonl", self.work / "eval_prompts.jsonl", a.eval_prompts)
-        self.evaluate("instruct", self.model, {"stage": "-", "iterations": 0})
+        if not self.reuse("instruct"):
+            self.evaluate("instruct", self.model, {"stage": "-", "iterations": 0})
         stages = a.stages.split(",")
-        if "sft" in stages or "grpo_sft" in stages:
-            run = self.out / "sft"
-            info = self.train("sft", "sft.yaml", run, a.sft_steps, f"init_from={self.model}",
+        sft_run = self.out / "sft"
+        if "sft" in stages and not self.reuse("sft"):
+            info = self.train("sft", "sft.yaml", sft_run, a.sft_steps, f"init_from={self.model}",
                               f"data.train_file={self.data / 'sft_train.jsonl'}", f"data.max_length={a.sft_length}",
                               f"train.micro_batch_size={a.micro_batch}",
                               f"train.global_batch_size={a.sft_batch}")  # fmt: skip
-            self.evaluate("sft", run, info)
-        for seed in a.seeds:
-            if "grpo" in stages:
-                self.grpo(f"grpo_s{seed}", self.model, seed)
-        if "grpo_sft" in stages:
-            self.grpo(f"sft_grpo_s{a.seeds[0]}", self.out / "sft", a.seeds[0])
-        if "dpo" in stages:
-            prompts = _head(self.data / "math_train.jsonl", self.work / "pair_prompts.jsonl", a.pair_prompts)
-            samples = self.work / "pair_samples.jsonl"
-            gen_s = self.megarlhf("generate", "--model", str(self.model), "--prompts", str(prompts),
-                                  "--reward", a.pair_reward or a.reward, "--output", str(samples),
-                                  f"n={a.pair_n}",  # not --n: torchrun reads it as an abbreviation of its --nnodes
-                                  "temperature=1.0", f"data.max_length={a.prompt_length}",
-                                  f"max_new_tokens={a.response_length}", f"batch_size={a.eval_batch}", log="pair_samples")  # fmt: skip
-            sys.path.insert(0, str(HERE))
-            from make_pairs import main as make_pairs
-
-            pairs = self.work / "pairs_train.jsonl"
-            counts = make_pairs(["--prompts", str(prompts), "--samples", str(samples), "--out", str(pairs)])
-            run = self.out / "dpo"
-            info = self.train("dpo", "dpo.yaml", run, a.dpo_steps, f"init_from={self.model}", f"data.train_file={pairs}",
-                              f"train.micro_batch_size={a.micro_batch}", f"train.global_batch_size={a.dpo_batch}",
-                              f"data.max_length={a.prompt_length + a.response_length}")  # fmt: skip
-            self.evaluate("dpo", run, {**info, "pairs": counts["pairs"], "pair_sampling_seconds": gen_s})
+            self.evaluate("sft", sft_run, info)
+        start = sft_run if a.rl_from == "sft" else self.model
+        if a.rl_from == "sft" and {"grpo", "dpo"} & set(stages) and not (sft_run / "checkpoints" / "latest").is_file():
+            raise SystemExit(f"[recipe] --rl-from sft: no SFT run in {sft_run}; add the sft stage or use --rl-from instruct")
+        if "grpo" in stages:
+            for seed in a.seeds:
+                self.grpo(f"{a.rl_from}_grpo_s{seed}", start, seed)
+        if "dpo" in stages and not self.reuse(f"{a.rl_from}_dpo"):
+            self.dpo(f"{a.rl_from}_dpo", start)
         self.total = time.perf_counter() - t0
         self.save()
         print(self.table())
         return self.rows
+
+    def dpo(self, name: str, start: Path) -> None:
+        """Pairs sampled from `start` and ranked by the rule (make_pairs.py), then DPO from
+        `start` (also the frozen reference)."""
+        a = self.a
+        prompts = _head(self.data / "math_train.jsonl", self.work / "pair_prompts.jsonl", a.pair_prompts)
+        samples = self.work / f"{name}_pair_samples.jsonl"
+        gen_s = self.megarlhf("generate", "--model", str(start), "--prompts", str(prompts),
+                              "--reward", a.pair_reward or a.reward, "--output", str(samples),
+                              f"n={a.pair_n}",  # not --n: torchrun reads it as an abbreviation of its --nnodes
+                              "temperature=1.0", f"data.max_length={a.prompt_length}",
+                              f"max_new_tokens={a.response_length}", f"batch_size={a.eval_batch}", log=f"{name}_pair_samples")  # fmt: skip
+        sys.path.insert(0, str(HERE))
+        from make_pairs import main as make_pairs
+
+        pairs = self.work / f"{name}_pairs.jsonl"
+        counts = make_pairs(["--prompts", str(prompts), "--samples", str(samples), "--out", str(pairs)])
+        run = self.out / name
+        info = self.train("dpo", "dpo.yaml", run, a.dpo_steps, f"init_from={start}", f"data.train_file={pairs}",
+                          f"train.micro_batch_size={a.micro_batch}", f"train.global_batch_size={a.dpo_batch}",
+                          f"data.max_length={a.prompt_length + a.response_length}")  # fmt: skip
+        self.evaluate(name, run, {**info, "pairs": counts["pairs"], "pair_sampling_seconds": gen_s, "start": a.rl_from})
 
     def save(self) -> None:
         (self.work / "recipe.json").write_text(json.dumps({"args": vars(self.a), "rows": self.rows,
@@ -163,7 +194,8 @@ class Recipe:
             wall = f"{r['wall_seconds']:.0f}" if "wall_seconds" in r else "-"
             lines.append(f"| {r['model']} | {100 * r['accuracy']:.1f}% [{100 * r['ci_low']:.1f}, {100 * r['ci_high']:.1f}] "
                          f"| {r['iterations']} | {wall} | {spi} |")  # fmt: skip
-        lines.append(f"total wall time {self.total:.0f} s")
+        stages = sum(r.get(k, 0.0) for r in self.rows for k in ("eval_seconds", "wall_seconds", "pair_sampling_seconds"))
+        lines.append(f"total wall time {self.total:.0f} s; the stages of the table together {stages:.0f} s")
         return "\n".join(lines)
 
 
@@ -175,22 +207,27 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--out", default="", help="where runs go (default <root>)")
     ap.add_argument("--nproc", type=int, default=2, help="ranks per stage (data-parallel)")
     ap.add_argument("--stages", default=",".join(STAGES), help=f"comma list of {STAGES}")
+    ap.add_argument("--rl-from", choices=("sft", "instruct"), default="sft",
+                    help="the model GRPO and DPO start from (and DPO samples its pairs from)")
+    ap.add_argument("--resume", action="store_true", help="keep the finished rows of <out>/recipe/recipe.json")
+    ap.add_argument("--set", action="append", default=[], metavar="STAGE:KEY=VALUE",
+                    help=f"extra override for every command of one stage {SET_STAGES}, e.g. grpo:generation.temperature=0.7")
     ap.add_argument("--reward", default="gsm8k", help="the one scorer: a rule of megarlhf/rollout/math_rewards.py")
     ap.add_argument("--eval-prompts", type=int, default=200, help="held-out prompts (first N; 0 = all)")
     ap.add_argument("--eval-tokens", type=int, default=200, help="max new tokens of the greedy evaluation")
     ap.add_argument("--eval-batch", type=int, default=32, help="sequences per engine call")
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--prompt-length", type=int, default=128, help="data.max_length of the prompts (tokens)")
-    ap.add_argument("--sft-steps", type=int, default=30)
+    ap.add_argument("--sft-steps", type=int, default=40)
     ap.add_argument("--sft-length", type=int, default=256, help="data.max_length of a worked solution (tokens)")
     ap.add_argument("--sft-batch", type=int, default=8)
     ap.add_argument("--grpo-steps", type=int, default=20)
     ap.add_argument("--grpo-prompts", type=int, default=4, help="prompts per GRPO iteration")
     ap.add_argument("--generations", type=int, default=8, help="responses per prompt (GRPO group)")
     ap.add_argument("--response-length", type=int, default=128)
-    ap.add_argument("--grpo-lr", type=float, default=1e-6)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="GRPO seeds from the instruct model")
-    ap.add_argument("--pair-prompts", type=int, default=64, help="training prompts sampled for DPO pairs")
+    ap.add_argument("--grpo-lr", type=float, default=1e-5)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="one GRPO run per seed")
+    ap.add_argument("--pair-prompts", type=int, default=128, help="training prompts sampled for DPO pairs")
     ap.add_argument("--pair-n", type=int, default=4, help="samples per prompt for DPO pairs")
     ap.add_argument("--pair-reward", default="", help="rule that ranks the DPO samples (default --reward)")
     ap.add_argument("--dpo-steps", type=int, default=20)
@@ -199,6 +236,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     bad = set(args.stages.split(",")) - set(STAGES)
     if bad:
         ap.error(f"--stages: unknown {sorted(bad)}; choose from {STAGES}")
+    for item in args.set:
+        if item.partition(":")[0] not in SET_STAGES or "=" not in item:
+            ap.error(f"--set {item!r}: expected STAGE:KEY=VALUE with STAGE one of {SET_STAGES}")
     return args
 
 

@@ -147,8 +147,8 @@ def summarize_grpo(rows: list[dict], warmup: int, sequences: int) -> dict:
     return out
 
 
-def run_megarlhf(cfg, overrides: list[str], work: Path, env: dict, warmup: int) -> dict:
-    rows, rss = run_megarlhf_iterations("grpo", GRPO_YAML, cfg, overrides, work, env)
+def run_megarlhf(cfg, overrides: list[str], work: Path, env: dict, warmup: int, yaml: str = GRPO_YAML) -> dict:
+    rows, rss = run_megarlhf_iterations("grpo", yaml, cfg, overrides, work, env)
     out = summarize_grpo(rows, warmup, cfg.rollout_rows)
     out.update(peak_rss_mib=rss, parameters={"policy": cfg.model.num_parameters("lm")})
     return out
@@ -168,10 +168,19 @@ def run_trl(cfg, sft: Path, args, work: Path, env: dict) -> dict:
     export_hf(sft, policy, tok.pad_id, work / "export_sft.log", env)
     prompts = work / "trl_prompts.jsonl"
     rows = write_prompts(cfg, prompts, trl_prompt_row)
+    cmd = trl_command(cfg, args, policy, prompts, tok.pad_id, tok.eos_id, ["--sp-model", cfg.data.tokenizer])
+    r = run_trl_baseline(cmd, work / "trl_grpo.log", env)
+    r.update(prompts=rows, sequences_per_second=cfg.rollout_rows * r["timed_iterations"] / r["seconds"])
+    return r
+
+
+def trl_command(cfg, args, policy: Path, prompts: Path, pad_id: int, eos_id: int, task: list) -> list:
+    """tools/bench/trl_grpo.py's command line for `cfg`'s GRPO settings; `task` names the
+    reward and how to decode completions for it."""
     g, gen, train, optim = cfg.grpo, cfg.generation, cfg.train, cfg.optim
-    cmd = [
+    return [
         args.trl_python, str(REPO / "tools" / "bench" / "trl_grpo.py"),
-        "--policy", policy, "--prompts", prompts, "--sp-model", cfg.data.tokenizer,
+        "--policy", policy, "--prompts", prompts, *task,
         "--iterations", args.iterations, "--warmup", args.warmup,
         "--prompts-per-iteration", train.global_batch_size, "--num-generations", g.num_generations,
         "--micro-batch-size", train.micro_batch_size, "--num-mini-batches", g.num_mini_batches,
@@ -185,12 +194,9 @@ def run_trl(cfg, sft: Path, args, work: Path, env: dict) -> dict:
         "--lr", optim.learning_rate, "--lr-scheduler", optim.lr_scheduler_type,
         "--warmup-lr-steps", optim.warmup_steps, "--weight-decay", optim.weight_decay,
         "--max-grad-norm", optim.max_grad_norm,
-        "--pad-id", tok.pad_id, "--eos-id", tok.eos_id, "--vocab", cfg.model.padded_vocab_size,
+        "--pad-id", pad_id, "--eos-id", eos_id, "--vocab", cfg.model.padded_vocab_size,
         "--threads", args.threads, "--seed", train.seed,
     ]  # fmt: skip
-    r = run_trl_baseline(cmd, work / "trl_grpo.log", env)
-    r.update(prompts=rows, sequences_per_second=cfg.rollout_rows * r["timed_iterations"] / r["seconds"])
-    return r
 
 
 def print_table(ours: dict, trl: dict | None, cfg, args) -> None:

@@ -68,7 +68,12 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--policy", required=True, help="HF LlamaForCausalLM folder: policy and reference")
     p.add_argument("--prompts", required=True, help='JSONL {"prompt": id text, "prompt_text": str}')
-    p.add_argument("--sp-model", required=True, help="the task's sentencepiece model, to decode completions")
+    p.add_argument("--sp-model", default=None, help="--reward sort: the task's sentencepiece model, to decode completions")
+    p.add_argument("--reward", choices=["sort", "gsm8k"], default="sort",
+                   help="sort: the synthetic sorting rule; gsm8k: megarlhf/rollout/math_rewards.py's strict rule "
+                        "against the prompts' \"answer\" column (loaded from its file: pure Python)")
+    p.add_argument("--decode-tokenizer", default=None,
+                   help="--reward gsm8k: Hugging Face tokenizer folder that decodes completions (the policy's own)")
     add_iteration_args(p, "generation batches (GRPO iterations) to run")
     p.add_argument("--prompts-per-iteration", type=int, default=16, help="megarlhf's train.global_batch_size")
     p.add_argument("--num-generations", type=int, default=8)
@@ -93,6 +98,8 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     args = parse_iteration_args(p, argv)  # fmt: skip
+    if (args.reward == "sort") != bool(args.sp_model) or (args.reward == "gsm8k") != bool(args.decode_tokenizer):
+        p.error("--reward sort needs --sp-model; --reward gsm8k needs --decode-tokenizer (and only those)")
     rows = args.prompts_per_iteration * args.num_generations
     if rows % args.num_mini_batches or (rows // args.num_mini_batches) % args.micro_batch_size:
         p.error(f"{rows} rows per iteration must split into --num-mini-batches {args.num_mini_batches} "
@@ -133,6 +140,31 @@ def make_reward(sp_model: str, eos_id: int, pad_id: int, missing_eos_penalty: fl
         return out
 
     return sort_reward_fn
+
+
+def make_math_reward(tokenizer_dir: str, eos_id: int, pad_id: int, missing_eos_penalty: float, meter: "Meter"):
+    """A TRL reward function: megarlhf's strict GSM8K rule (megarlhf/rollout/math_rewards.py,
+    loaded from its file: it needs only the standard library) on the completion decoded by the
+    policy's own tokenizer without special tokens (as megarlhf's rule_scores does), against the
+    prompt row's "answer" column, minus the penalty without EOS."""
+    import importlib.util
+
+    from transformers import AutoTokenizer
+
+    path = Path(__file__).resolve().parents[2] / "megarlhf" / "rollout" / "math_rewards.py"
+    spec = importlib.util.spec_from_file_location("math_rewards", path)
+    rules = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rules)
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+
+    def gsm8k_reward_fn(prompts, completions, completion_ids, answer, **_):
+        texts = [tok.decode([i for i in ids if i not in (eos_id, pad_id)], skip_special_tokens=True)
+                 for ids in completion_ids]  # fmt: skip
+        scores = rules.gsm8k_reward(completions=texts, answers=answer)
+        meter.rule_scores.extend(scores)
+        return [s - (0.0 if ids and ids[-1] == eos_id else missing_eos_penalty) for s, ids in zip(scores, completion_ids)]
+
+    return gsm8k_reward_fn
 
 
 class Meter:
@@ -223,7 +255,10 @@ def main(argv=None) -> int:
         disable_tqdm=True, dataloader_num_workers=0, seed=args.seed, log_completions=False,
     )  # fmt: skip
     meter = Meter(steps_per_iteration, args.num_iterations)
-    reward = make_reward(args.sp_model, args.eos_id, args.pad_id, args.missing_eos_penalty, meter)
+    if args.reward == "gsm8k":
+        reward = make_math_reward(args.decode_tokenizer, args.eos_id, args.pad_id, args.missing_eos_penalty, meter)
+    else:
+        reward = make_reward(args.sp_model, args.eos_id, args.pad_id, args.missing_eos_penalty, meter)
     trainer = trl.GRPOTrainer(
         model=policy, reward_funcs=[reward], args=config, train_dataset=dataset, processing_class=tokenizer
     )

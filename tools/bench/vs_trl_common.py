@@ -236,7 +236,8 @@ def print_figures(rows: list[tuple[str, str, str]], ours: dict, trl: dict | None
     for label, key, fmt in rows:
         line = f"{label:<34}{fmt.format(ours[key]):>10}"
         if trl:
-            line += f"{fmt.format(trl[key]):>10}{ours[key] / trl[key]:>13.2f}x"
+            ratio = f"{ours[key] / trl[key]:>13.2f}x" if trl[key] else f"{'-':>14}"  # e.g. a mean score of 0
+            line += f"{fmt.format(trl[key]):>10}{ratio}"
         print(line)
 
 
