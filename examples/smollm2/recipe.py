@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -140,7 +141,7 @@ class Recipe:
             self.evaluate("instruct", self.model, {"stage": "-", "iterations": 0})
         stages = a.stages.split(",")
         sft_run = self.out / "sft"
-        if "sft" in stages and not self.reuse("sft"):
+        if not self.reuse("sft") and "sft" in stages:  # a finished SFT row is kept even when only RL runs
             info = self.train("sft", "sft.yaml", sft_run, a.sft_steps, f"init_from={self.model}",
                               f"data.train_file={self.data / 'sft_train.jsonl'}", f"data.max_length={a.sft_length}",
                               f"train.micro_batch_size={a.micro_batch}",
@@ -185,15 +186,40 @@ class Recipe:
         (self.work / "recipe.json").write_text(json.dumps({"args": vars(self.a), "rows": self.rows,
                                                            "total_seconds": getattr(self, "total", None)}, indent=1) + "\n")  # fmt: skip
 
+    def paired(self, name: str, start: str) -> dict | None:
+        """`name`'s greedy answers against its starting model's on the same prompts: how many
+        went wrong -> right (gained) and right -> wrong (lost), and the accuracy difference
+        with its 95% interval for paired proportions (the prompts are the same, so the
+        interval is much narrower than the two Wilson intervals suggest)."""
+        files = [self.work / f"eval_{m}.jsonl" for m in (start, name)]
+        if not all(f.is_file() for f in files):
+            return None
+        before, after = ({r["index"]: r["score"] for r in _jsonl(f)} for f in files)
+        n = len(after)
+        gained = sum(1 for i, s in after.items() if s > 0.5 >= before[i])
+        lost = sum(1 for i, s in after.items() if s <= 0.5 < before[i])
+        diff = (gained - lost) / n
+        half = 1.96 * math.sqrt(max(gained + lost - (gained - lost) ** 2 / n, 0.0)) / n
+        return {"start": start, "gained": gained, "lost": lost, "diff": diff, "diff_low": diff - half, "diff_high": diff + half}
+
     def table(self) -> str:
         lines = [f"held-out accuracy: {self.a.reward}, greedy, {self.rows[0]['prompts']} prompts, "
-                 f"{self.a.eval_tokens} new tokens, 95% Wilson CI; {self.a.nproc} ranks",  # fmt: skip
-                 "| model | accuracy [95% CI] | iterations | wall s | s/iteration |", "| --- | --- | --- | --- | --- |"]
+                 f"{self.a.eval_tokens} new tokens, 95% Wilson CI; change vs the model it started from, paired "
+                 f"95% CI (answers gained / lost); {self.a.nproc} ranks",  # fmt: skip
+                 "| model | accuracy [95% CI] | change [95% CI] (gained / lost) | iterations | wall s | s/iteration |",
+                 "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
         for r in self.rows:
             spi = f"{r['seconds_per_iteration']:.1f}" if "seconds_per_iteration" in r else "-"
             wall = f"{r['wall_seconds']:.0f}" if "wall_seconds" in r else "-"
+            start = "instruct" if r["model"] == "sft" else r.get("start")
+            p = self.paired(r["model"], start) if start else None
+            change = "-"
+            if p:
+                r["paired"] = p
+                change = (f"{100 * p['diff']:+.1f} pts [{100 * p['diff_low']:+.1f}, {100 * p['diff_high']:+.1f}] vs {start} "
+                          f"({p['gained']} / {p['lost']})")  # fmt: skip
             lines.append(f"| {r['model']} | {100 * r['accuracy']:.1f}% [{100 * r['ci_low']:.1f}, {100 * r['ci_high']:.1f}] "
-                         f"| {r['iterations']} | {wall} | {spi} |")  # fmt: skip
+                         f"| {change} | {r['iterations']} | {wall} | {spi} |")  # fmt: skip
         stages = sum(r.get(k, 0.0) for r in self.rows for k in ("eval_seconds", "wall_seconds", "pair_sampling_seconds"))
         lines.append(f"total wall time {self.total:.0f} s; the stages of the table together {stages:.0f} s")
         return "\n".join(lines)
@@ -221,11 +247,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--sft-steps", type=int, default=40)
     ap.add_argument("--sft-length", type=int, default=256, help="data.max_length of a worked solution (tokens)")
     ap.add_argument("--sft-batch", type=int, default=8)
-    ap.add_argument("--grpo-steps", type=int, default=20)
-    ap.add_argument("--grpo-prompts", type=int, default=4, help="prompts per GRPO iteration")
+    ap.add_argument("--grpo-steps", type=int, default=8)
+    ap.add_argument("--grpo-prompts", type=int, default=16, help="prompts per GRPO iteration")
     ap.add_argument("--generations", type=int, default=8, help="responses per prompt (GRPO group)")
     ap.add_argument("--response-length", type=int, default=128)
-    ap.add_argument("--grpo-lr", type=float, default=1e-5)
+    ap.add_argument("--grpo-lr", type=float, default=5e-6)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="one GRPO run per seed")
     ap.add_argument("--pair-prompts", type=int, default=128, help="training prompts sampled for DPO pairs")
     ap.add_argument("--pair-n", type=int, default=4, help="samples per prompt for DPO pairs")

@@ -48,7 +48,8 @@ def test_recipe_runs_every_stage_and_scores_them(long_llama, tmp_path):
            "--micro-batch", "1", "--prompt-length", "256", "--sft-steps", "2", "--sft-length", "384", "--sft-batch", "2",
            "--grpo-steps", "2", "--grpo-prompts", "2", "--generations", "2", "--response-length", "8", "--seeds", "0",
            "--pair-prompts", "4", "--pair-n", "4", "--pair-reward", f"{__name__}:parity_reward",
-           "--dpo-steps", "1", "--dpo-batch", "2", "--set", "grpo:generation.temperature=0.9"]  # fmt: skip
+           "--dpo-steps", "1", "--dpo-batch", "2", "--set", "grpo:generation.temperature=0.9",
+           "--set", "grpo:grpo.num_mini_batches=1"]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]

@@ -19,10 +19,9 @@ GRPOConfig). What changes here:
   - the reward is megarlhf/rollout/math_rewards.py's strict `gsm8k` rule against each
     prompt's answer on both sides (TRL loads the same file; it is pure Python), completions
     decoded by the model's own tokenizer;
-  - the settings are examples/smollm2/grpo.yaml's (4 prompts x 8 responses, 128 response
-    tokens, micro-batch 4, 2 optimizer steps per iteration, no KL, lr 1e-5) with --set
-    overrides, one process each,
-    --threads threads, float32.
+  - the settings are examples/smollm2/grpo.yaml's (16 prompts x 8 responses, 128 response
+    tokens, micro-batch 4, 4 optimizer steps per iteration, no KL) with --set overrides,
+    one process each, --threads threads, float32.
 At 135M parameters the matrix products dominate (unlike the 0.6M toy of grpo_vs_trl.py):
 this is the size at which the generate / score / train split says where time goes.
 Needs --trl-python: a virtualenv with TRL 1.16, datasets and transformers (make one with
