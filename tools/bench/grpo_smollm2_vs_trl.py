@@ -34,10 +34,10 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from grpo_vs_trl import print_table, run_megarlhf, trl_command  # noqa: E402
+from grpo_vs_trl import exit_if_unmapped_grpo, print_table, run_megarlhf, trl_command  # noqa: E402
 from sft_rm_dpo_vs_trl import id_text  # noqa: E402
 from vs_trl_common import (  # noqa: E402
-    exit_if_unmapped, iteration_parser, measure_both_sides, parse_iteration_args, run_trl_baseline, write_json,
+    iteration_parser, measure_both_sides, parse_iteration_args, run_trl_baseline, write_json,
     write_prompts,
 )  # fmt: skip
 
@@ -76,14 +76,7 @@ def grpo_config(args, work: Path):
         "rollout_correction.measure=false", *args.overrides,
     ]  # fmt: skip
     cfg = load_config(GRPOConfig, REPO / GRPO_YAML, overrides, prepare=apply_model_source)
-    g, gen = cfg.grpo, cfg.generation
-    exit_if_unmapped(cfg, [
-        (gen.top_k != 0 or gen.top_p != 1.0, "generation.top_k=0, top_p=1"),
-        (cfg.reward_model_path != "" or cfg.reward_fn != RULE, f"reward_fn={RULE} and no reward model"),
-        (g.advantage_estimator not in ("grpo", "dr_grpo"), "grpo.advantage_estimator grpo or dr_grpo"),
-        (g.beta > 0 and g.kl_estimator != "k3", "grpo.kl_estimator=k3 (TRL's KL term)"),
-        (g.filter_groups or g.entropy_coef != 0, "grpo.filter_groups=false, entropy_coef=0"),
-    ], "TRL's GRPOTrainer has no equivalent of these settings here")  # fmt: skip
+    exit_if_unmapped_grpo(cfg, RULE)
     return cfg, overrides
 
 

@@ -122,15 +122,20 @@ def grpo_config(args, work: Path, data_dir: Path, tokenizer: Path, sft: Path):
         "rollout_correction.measure=false", *args.overrides,
     ]  # fmt: skip
     cfg = load_config(GRPOConfig, REPO / GRPO_YAML, overrides)
+    exit_if_unmapped_grpo(cfg, RULE)
+    return cfg, overrides
+
+
+def exit_if_unmapped_grpo(cfg, rule: str) -> None:
+    """Exits when `cfg` has GRPO settings TRL's GRPOTrainer cannot mirror (reward: `rule` only)."""
     g, gen = cfg.grpo, cfg.generation
     exit_if_unmapped(cfg, [
         (gen.top_k != 0 or gen.top_p != 1.0, "generation.top_k=0, top_p=1"),
-        (cfg.reward_model_path != "" or cfg.reward_fn != RULE, f"reward_fn={RULE} and no reward model"),
+        (cfg.reward_model_path != "" or cfg.reward_fn != rule, f"reward_fn={rule} and no reward model"),
         (g.advantage_estimator not in ("grpo", "dr_grpo"), "grpo.advantage_estimator grpo or dr_grpo"),
         (g.beta > 0 and g.kl_estimator != "k3", "grpo.kl_estimator=k3 (TRL's KL term)"),
         (g.filter_groups or g.entropy_coef != 0, "grpo.filter_groups=false, entropy_coef=0"),
     ], "TRL's GRPOTrainer has no equivalent of these settings here")  # fmt: skip
-    return cfg, overrides
 
 
 def summarize_grpo(rows: list[dict], warmup: int, sequences: int) -> dict:
