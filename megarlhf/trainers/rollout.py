@@ -4,7 +4,8 @@ Layer: trainers/.
 A `RolloutTrainer` owns the actor (trainable, at `layout`), the frozen reference and
 reward models (each at its own layout), the rollout engine on the actor's weights, the
 prompts, and the loop `fit()`: iterations of generate -> `update()` -> refit, with
-evaluation, checkpoints and metrics. A subclass says what an update is (`update`), which
+evaluation, checkpoints and metrics; the reward side of scoring (reward model, rule,
+length penalties) is trainers/scoring.py's `RewardScoring`. A subclass says what an update is (`update`), which
 other trainable roles it has (`extra_layouts`, `_build_models`, `trainables`) and what
 else its checkpoints hold (`state_dict`, `load_state_dict`).
 
@@ -29,7 +30,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from megarlhf.algorithms import mismatch_metrics, overlong_penalty, rollout_is_weights
+from megarlhf.algorithms import mismatch_metrics, rollout_is_weights
 from megarlhf.checkpoint.dist_ckpt import (
     CheckpointError,
     checkpoint_model_config,
@@ -50,13 +51,13 @@ from megarlhf.parallel import Layout, RoleGroups, build_parallel_context, init_d
 from megarlhf.parallel.collect import gather_rows, is_row_owner, shard_rows
 from megarlhf.parallel.refit import WeightRefit
 from megarlhf.rollout import GenerationEngine, SamplingParams
-from megarlhf.rollout.rewards import RewardError, agree_on_failure, checked_scores, load_reward_fn
+from megarlhf.rollout.rewards import load_reward_fn
 from megarlhf.trainers.dumps import dump_path, replay, write_rollouts
 from megarlhf.trainers.ppo_batches import cut_microbatches, rollout_batch
-from megarlhf.trainers.rm import sequence_scores
 from megarlhf.trainers.guard import NonFiniteGuard, warn_if_disk_short
 from megarlhf.trainers.preempt import StopRequest
 from megarlhf.trainers.run import RunDir
+from megarlhf.trainers.scoring import RewardScoring
 
 
 def shift(x: torch.Tensor) -> torch.Tensor:
@@ -81,7 +82,7 @@ class PhaseTimer:
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
 
 
-class RolloutTrainer:
+class RolloutTrainer(RewardScoring):
     stage = ""
     postfix_keys: tuple[str, ...] = ("objective/scores", "objective/kl")
     shown_keys: tuple[str, ...] = ()
@@ -421,79 +422,6 @@ class RolloutTrainer:
 
         both = self._forward_rows(model, groups, batch, per_token, (t, 2))
         return both[..., 0] * batch["mask"], both[..., 1] * batch["mask"]
-
-    @torch.no_grad()
-    def score(self, batch, items) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Sequence scores [N]: weighted sum of the reward model's and the rule's."""
-        cfg = self.cfg
-        n = batch["tokens"].shape[0]
-        parts: dict[str, torch.Tensor] = {}
-        total = torch.zeros(n)
-        if self.reward is not None:
-            def per_row(out, mb):
-                return sequence_scores(out[..., 0].float(), mb["last_index"])
-
-            parts["rm_score"] = self._forward_rows(self.reward, self.ctx["reward"], batch, per_row, ())
-            total += cfg.reward_model_weight * parts["rm_score"]
-        if self.reward_fn is not None:
-            parts["rule_score"] = self.rule_scores(batch, items)
-            total += cfg.reward_fn_weight * parts["rule_score"]
-            total = self.exclude_unscored(batch, total)
-            unscored = torch.isnan(parts["rule_score"])
-            parts["rule_score"] = parts["rule_score"].nan_to_num(0.0)
-            parts["unscored_fraction"] = unscored.float()
-        return total, parts
-
-    def rule_scores(self, batch, items) -> torch.Tensor:
-        """The rule reward, each sample scored once in the world (a rule may be costly or
-        call a service): by the rollout DP rank that generated it, then gathered. NaN
-        where the rule returned None; a rule that raises or returns NaN/inf stops the run
-        on every rank (RewardError naming the rule, the prompt and the value)."""
-        groups = self.ctx["rollout"]
-        n = batch["tokens"].shape[0]
-        rows = shard_rows(n, groups)
-        owner = is_row_owner(groups)
-        local, failure = None, None
-        if owner:
-            texts, prompts, answers = [], [], []
-            for i in rows:
-                p, r = int(batch["prompt_lengths"][i]), int(batch["response_lengths"][i])
-                ids = [t for t in batch["tokens"][i, p : p + r].tolist() if t not in self.tokenizer.eos_ids]
-                texts.append(self.tokenizer.decode(ids))
-                prompts.append(items[i]["prompt_text"])
-                answers.append(items[i]["answer"])
-            where = [f"prompt {items[i].get('index', '?')} (row {i} of iteration {self.step + 1})" for i in rows]
-            try:
-                local = checked_scores(self.reward_fn, self.cfg.reward_fn, prompts, texts, answers, where)
-            except RewardError as err:
-                local, failure = torch.zeros(len(rows), dtype=torch.float64), str(err)
-        agree_on_failure(failure, self.device)
-        return gather_rows(local, rows, (n,), owner=owner, dtype=torch.float64, device=self.device).float().cpu()
-
-    def length_penalties(self, scores: torch.Tensor, batch, section) -> torch.Tensor:
-        """`scores` [B] minus the missing-EOS penalty and plus DAPO's soft overlong penalty,
-        with the knobs of `section` (cfg.ppo or cfg.grpo: same field names)."""
-        if section.missing_eos_penalty:
-            scores = scores - section.missing_eos_penalty * (~batch["finished"]).float()
-        if section.overlong_buffer_length:
-            scores = scores + overlong_penalty(
-                batch["response_lengths"], self.cfg.generation.response_length, section.overlong_buffer_length,
-                section.overlong_penalty_factor,
-            )  # fmt: skip
-        return scores
-
-    def exclude_unscored(self, batch, total: torch.Tensor) -> torch.Tensor:
-        """Samples a rule scored None leave the loss: their response mask rows become 0
-        (in place, so every later use of batch["mask"] sees it) and their score is the
-        mean of the scored samples of their group (`score_group_size` consecutive rows),
-        so group statistics (GRPO's mean) are those of the scored samples."""
-        unscored = torch.isnan(total)
-        if not unscored.any():
-            return total
-        batch["mask"].mul_((~unscored).to(batch["mask"].dtype).to(batch["mask"].device).unsqueeze(1))
-        grouped = total.view(-1, self.score_group_size())
-        fill = torch.nanmean(grouped, dim=1, keepdim=True).nan_to_num(0.0).expand_as(grouped)
-        return torch.where(torch.isnan(grouped), fill, grouped).view(-1)
 
     def score_group_size(self) -> int:
         """Consecutive rows that share a prompt (GRPO: num_generations)."""
